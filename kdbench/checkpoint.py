@@ -1,0 +1,38 @@
+"""Checkpoints written atomically and read back safely (``weights_only=True``)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdbench.errors import UserError
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what}: no file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, pickled code, wrong format
+        raise UserError(f"{what}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None

@@ -1,0 +1,379 @@
+"""Recipes: one YAML file says everything about a run; nothing is hidden in scripts.
+
+A recipe is parsed with ``yaml.safe_load``, patched with ``--set a.b=value`` overrides, and turned
+into frozen dataclasses. Every key is checked (unknown key, wrong type, impossible value, missing
+file) before any work starts, and a problem is one ``UserError`` line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kdbench.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "default"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Size of the embedded synthetic dataset (see kdbench.data.synthetic)."""
+
+    num_train: int = 1200
+    num_val: int = 200
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["synthetic", "voc", "cityscapes"] = "synthetic"
+    #: dataset folder; empty means $KDBENCH_VOC_ROOT / $KDBENCH_CITYSCAPES_ROOT (synthetic: the cache)
+    root: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    #: VOC: train on the SBD-augmented list (train_aug.txt, 10,582 images) when it is present
+    use_sbd: bool = True
+    #: fraction of the training split held out for tuning (never the split tables report)
+    holdout_fraction: float = 0.0
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    #: "imagenet": RGB mean/std; "cirkd_bgr": CIRKD's BGR mean subtraction on 0-255 pixels
+    normalize: Literal["imagenet", "cirkd_bgr"] = "imagenet"
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
+    backbone: str = "resnet18"
+    output_stride: Literal[8, 16] = 16
+    #: false: random init; true: timm's weights (needs network); a path: a local backbone state_dict
+    pretrained: bool | str = False
+    aspp_channels: int = 256
+    decoder_channels: int = 256
+    low_channels: int = 48
+    #: CBAM inside the forward pass at these taps (AttnFD's "pretrained" teacher attention)
+    attention_taps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    #: a trained teacher; empty: kdbench trains one from this recipe once and caches it
+    checkpoint: str | None = None
+    #: training budget of a teacher trained by kdbench (batch size, crop, optimiser from `train`)
+    iterations: int = 1000
+    lr: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "kd"
+    #: named combination of options (see `kdbench methods`); empty: the method's default
+    preset: str | None = None
+    #: hyper-parameters: every other key of the recipe's method section
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 400
+    batch_size: int = 16
+    crop_size: tuple[int, int] = (64, 64)
+    optimizer: Literal["sgd"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    #: the head (everything but the backbone) learns this many times faster
+    head_lr_mult: float = 10.0
+    #: evaluate on the val split every N iterations (0: only at the end)
+    eval_interval: int = 0
+    #: write a resumable checkpoint every N iterations (0: only at the end)
+    checkpoint_interval: int = 100
+    log_interval: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    #: evaluation batch size; >1 only when all images of a split have the same size
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    #: empty: $MLFLOW_TRACKING_URI, else MLflow's default local store (sqlite:///mlflow.db)
+    uri: str | None = None
+    #: MLflow experiment; empty: "kdbench-<benchmark>"
+    experiment: str | None = None
+    log_checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    #: the benchmark family this recipe belongs to: one MLflow experiment per benchmark
+    benchmark: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    #: where run folders (checkpoints) go
+    output_dir: str = "runs"
+    #: where generated data and trained teachers are cached; empty: $KDBENCH_CACHE or ~/.cache/kdbench
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists, not tuples): what YAML, MLflow params and hashes see."""
+        return _plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass, checking every key and type
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "empty")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise UserError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise UserError(f"{key}: expected empty, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is not tp:
+        raise UserError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is MethodConfig:  # the method's hyper-parameters sit beside name and preset
+        data = {**data}
+        params = {k: data.pop(k) for k in list(data) if k not in ("name", "preset", "params")}
+        data["params"] = {**data.get("params", {}), **params}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise UserError(f"{full}: unknown key (known keys here: {', '.join(names)})")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A bare name means recipes/NAME.yaml; anything else is a path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists() or "/" in name_or_path:
+        if not p.is_file():
+            raise UserError(f"--recipe: no recipe file {p}")
+        return p
+    p = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+        raise UserError(f"--recipe: no recipe named {name_or_path!r} (shipped recipes: {known})")
+    return p
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value``; the value is read as YAML, so 0.1, true, [1, 2] and strings all work."""
+    if "=" not in text:
+        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=0.02")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_recipe(
+    name_or_path: str | None = None,
+    overrides: list[str] = (),
+    *,
+    method: str | None = None,
+    preset: str | None = None,
+    seed: int | None = None,
+) -> Recipe:
+    """Load, override, validate. A ``method`` other than the recipe's starts from that method's own
+    defaults (the recipe's hyper-parameters belong to its method); ``--set`` applies after."""
+    path = recipe_path(name_or_path or DEFAULT_RECIPE)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    section = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    if method is not None and method != section.get("name", MethodConfig.name):
+        raw["method"] = {"name": method}
+    if preset is not None:
+        _apply(raw, ["method", "preset"], preset)
+    if seed is not None:
+        raw["seed"] = seed
+    for text in overrides:
+        _apply(raw, *parse_override(text))
+    return validate(_build(Recipe, raw, ""))
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Impossible values and missing files; also resolves the method section against its class."""
+    from kdbench.methods import resolve_config
+
+    t, d = recipe.train, recipe.data
+    positive = {
+        "train.iterations": t.iterations,
+        "train.batch_size": t.batch_size,
+        "train.lr": t.lr,
+        "train.crop_size[0]": t.crop_size[0],
+        "train.crop_size[1]": t.crop_size[1],
+        "teacher.iterations": recipe.teacher.iterations,
+        "eval.batch_size": recipe.eval.batch_size,
+        "data.synthetic.num_train": d.synthetic.num_train,
+        "data.synthetic.num_val": d.synthetic.num_val,
+        "data.synthetic.image_size": d.synthetic.image_size,
+        "student.aspp_channels": recipe.student.aspp_channels,
+        "teacher.aspp_channels": recipe.teacher.aspp_channels,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key}: must be positive, got {value}")
+    nonneg = {
+        "train.weight_decay": t.weight_decay,
+        "train.momentum": t.momentum,
+        "train.poly_power": t.poly_power,
+        "train.eval_interval": t.eval_interval,
+        "train.checkpoint_interval": t.checkpoint_interval,
+        "data.workers": d.workers,
+    }
+    for key, value in nonneg.items():
+        if value < 0:
+            raise UserError(f"{key}: must be zero or more, got {value}")
+    if not 0.0 <= d.holdout_fraction < 1.0:
+        raise UserError(f"data.holdout_fraction: must be in [0, 1), got {d.holdout_fraction}")
+    if not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise UserError(f"data.scale_range: expected 0 < low <= high, got {list(d.scale_range)}")
+    if not recipe.eval.scales or min(recipe.eval.scales) <= 0:
+        raise UserError(f"eval.scales: expected positive scales, got {list(recipe.eval.scales)}")
+    if t.nesterov and t.momentum == 0:
+        raise UserError("train.nesterov: Nesterov momentum needs train.momentum > 0")
+    for section in ("teacher", "student"):
+        m = getattr(recipe, section)
+        bad = set(m.attention_taps) - {"backbone", "encoder", "decoder"}
+        if bad:
+            raise UserError(f"{section}.attention_taps: unknown taps {sorted(bad)}; use backbone, encoder, decoder")
+        if isinstance(m.pretrained, str) and not Path(m.pretrained).expanduser().is_file():
+            raise UserError(f"{section}.pretrained: no weights file {m.pretrained}")
+    ckpt = recipe.teacher.checkpoint
+    if ckpt and not Path(ckpt).expanduser().is_file():
+        raise UserError(f"teacher.checkpoint: no checkpoint file {ckpt} (leave it empty to train one)")
+    if d.root and not Path(d.root).expanduser().is_dir():
+        raise UserError(f"data.root: no folder {d.root}")
+    preset, cfg = resolve_config(recipe.method.name, recipe.method.preset, recipe.method.params)
+    # the resolved method (preset + every option) is part of the recipe, so it is logged and hashed
+    resolved = MethodConfig(name=recipe.method.name, preset=preset, params=_plain(dataclasses.asdict(cfg)))
+    return dataclasses.replace(recipe, method=resolved)
+
+
+def teacher_key(recipe: Recipe) -> str:
+    """Cache key of a teacher trained by kdbench: what it is, what it learns from and how."""
+    r = recipe.to_dict()
+    train = {k: v for k, v in r["train"].items() if k not in ("iterations", "eval_interval", "checkpoint_interval", "log_interval")}
+    teacher = {k: v for k, v in r["teacher"].items() if k != "checkpoint"}
+    data = {k: v for k, v in r["data"].items() if k not in ("workers", "holdout_fraction")}
+    blob = json.dumps({"teacher": teacher, "data": data, "train": train}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": v}: how a recipe becomes MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

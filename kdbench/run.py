@@ -1,0 +1,338 @@
+"""One run: a recipe in, metrics out. `kdbench run`, `kdbench teacher` and tuning all call this.
+
+    recipe -> data splits -> teacher (loaded, or trained once and cached) -> student -> method
+           -> engine loop (evaluation through callbacks) -> final evaluation -> MLflow
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+
+from kdbench.checkpoint import load, save_atomic
+from kdbench.data import Splits, build_splits
+from kdbench.engine import LoopHooks, TrainState, evaluate, load_state, make_optimizer, poly_schedule, run_loop
+from kdbench.errors import UserError
+from kdbench.methods import FeatureSpec, build_method, get_method_class, resolve_config
+from kdbench.metrics import SegMetrics
+from kdbench.models import create_model
+from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
+from kdbench.tracking import Tracker
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    metrics: SegMetrics
+    class_names: list[str]
+    seconds: float
+    checkpoint: Path
+
+
+def cache_dir(recipe: Recipe) -> Path:
+    return Path(recipe.cache_dir or os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench").expanduser()
+
+
+def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
+    d = recipe.data
+    return build_splits(
+        d.dataset,
+        d.root,
+        crop_size=recipe.train.crop_size,
+        scale_range=d.scale_range,
+        flip=d.flip,
+        normalize=d.normalize,
+        use_sbd=d.use_sbd,
+        holdout_fraction=d.holdout_fraction,
+        seed=recipe.seed,
+        synthetic=dataclasses.asdict(d.synthetic),
+        cache_dir=cache_dir(recipe),
+        progress=progress,
+    )
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    return create_model(
+        cfg.arch,
+        cfg.backbone,
+        num_classes,
+        output_stride=cfg.output_stride,
+        pretrained=cfg.pretrained,
+        aspp_channels=cfg.aspp_channels,
+        decoder_channels=cfg.decoder_channels,
+        low_channels=cfg.low_channels,
+        attention_taps=tuple(cfg.attention_taps),
+    )
+
+
+def _model_meta(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
+    keys = ("arch", "backbone", "output_stride", "aspp_channels", "decoder_channels", "low_channels", "attention_taps")
+    meta = {k: getattr(cfg, k) for k in keys}
+    meta["attention_taps"] = list(meta["attention_taps"])
+    return {**meta, "num_classes": num_classes}
+
+
+# ---------------------------------------------------------------------------------------------
+# teachers
+
+
+def teacher_cache_path(recipe: Recipe) -> Path:
+    return cache_dir(recipe) / "teachers" / teacher_key(recipe) / "teacher.pt"
+
+
+def load_teacher(recipe: Recipe, path: Path, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A frozen teacher in eval mode; a checkpoint that does not fit the recipe is a UserError."""
+    ckpt = load(path, "teacher.checkpoint")
+    state, meta = (ckpt["model"], ckpt.get("meta", {})) if "model" in ckpt else (ckpt, {})
+    expected = _model_meta(recipe.teacher, num_classes)
+    for key in ("arch", "backbone", "num_classes", "attention_taps"):
+        if key in meta and meta[key] != expected[key]:
+            raise UserError(f"teacher.checkpoint: {path} has {key}={meta[key]!r} but the recipe wants {expected[key]!r}")
+    model = build_model(recipe.teacher, num_classes)
+    result = model.load_state_dict(state, strict=False)
+    ref = model.state_dict()
+    wrong = [k for k, v in state.items() if k in ref and tuple(v.shape) != tuple(ref[k].shape)]
+    if result.missing_keys or result.unexpected_keys or wrong:
+        first = (result.missing_keys or result.unexpected_keys or wrong)[:3]
+        raise UserError(
+            f"teacher.checkpoint: {path} does not fit teacher {recipe.teacher.arch}/{recipe.teacher.backbone} with "
+            f"{num_classes} classes ({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
+            f"{len(wrong)} mis-shaped keys, e.g. {first})"
+        )
+    model.eval().requires_grad_(False)
+    return model, meta
+
+
+def ensure_teacher(recipe: Recipe, splits: Splits, quiet: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The recipe's teacher checkpoint, or the cached teacher of this recipe, trained now if absent."""
+    if recipe.teacher.checkpoint:
+        return load_teacher(recipe, Path(recipe.teacher.checkpoint), splits.num_classes)
+    path = teacher_cache_path(recipe)
+    if not path.is_file():
+        t = recipe.teacher
+        console.print(
+            f"[bold]No trained teacher for this recipe yet[/]: training {t.arch}/{t.backbone} for {t.iterations} "
+            f"iterations once; it is cached at {path} and reused by every later run."
+        )
+        train_teacher(recipe, splits, quiet=quiet)
+    return load_teacher(recipe, path, splits.num_classes)
+
+
+def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = False) -> RunResult:
+    """Train the recipe's teacher with the task loss alone and cache it (resumes if killed)."""
+    splits = splits or load_splits(recipe, progress=not quiet)
+    t = recipe.teacher
+    torch.manual_seed(t.seed)
+    model = build_model(t, splits.num_classes)
+    train_cfg = dataclasses.replace(recipe.train, iterations=t.iterations, lr=t.lr or recipe.train.lr, eval_interval=0)
+    path = teacher_cache_path(recipe)
+    result = _train(
+        recipe,
+        role="teacher",
+        model=model,
+        model_cfg=t,
+        method=None,
+        method_name="none",
+        teacher=None,
+        splits=splits,
+        train_cfg=train_cfg,
+        seed=t.seed,
+        run_dir=path.parent,
+        resume=True,
+        quiet=quiet,
+        run_name=f"teacher-{t.arch}-{t.backbone}",
+    )
+    meta = {**_model_meta(t, splits.num_classes), "miou": result.metrics.miou, "mlflow_run_id": result.run_id}
+    save_atomic({"model": model.state_dict(), "meta": meta}, path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# students
+
+
+def run(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    parent_run_id: str | None = None,
+    eval_split: Literal["val", "holdout"] = "val",
+    on_eval: Callable[[int, SegMetrics], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> RunResult:
+    """Distil the recipe's teacher into its student with the recipe's method."""
+    splits = load_splits(recipe, progress=not quiet)
+    m = recipe.method
+    needs_teacher = get_method_class(m.name).needs_teacher
+    teacher, teacher_meta = ensure_teacher(recipe, splits, quiet) if needs_teacher else (None, {})
+    torch.manual_seed(recipe.seed)
+    student = build_model(recipe.student, splits.num_classes)
+    s_spec = FeatureSpec(dict(student.feature_channels), splits.num_classes)
+    t_spec = FeatureSpec(dict(teacher.feature_channels), splits.num_classes) if teacher is not None else s_spec
+    _, cfg = resolve_config(m.name, m.preset, m.params)
+    method = build_method(m.name, cfg, s_spec, t_spec)
+    tags = {"kdbench.role": "student", "teacher.miou": f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}
+    return _train(
+        recipe,
+        role="student",
+        model=student,
+        model_cfg=recipe.student,
+        method=method,
+        method_name=m.name,
+        teacher=teacher,
+        splits=splits,
+        train_cfg=recipe.train,
+        seed=recipe.seed,
+        run_dir=Path(recipe.output_dir) / f"{m.name}-{recipe.hash()}",
+        resume=resume,
+        quiet=quiet,
+        run_name=f"{m.name}-{m.preset}-seed{recipe.seed}",
+        parent_run_id=parent_run_id,
+        eval_split=eval_split,
+        on_eval=on_eval,
+        after_step=after_step,
+        extra_tags=tags,
+    )
+
+
+def _train(
+    recipe: Recipe,
+    *,
+    role: str,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    method: Any,
+    method_name: str,
+    teacher: torch.nn.Module | None,
+    splits: Splits,
+    train_cfg: Any,
+    seed: int,
+    run_dir: Path,
+    resume: bool,
+    quiet: bool,
+    run_name: str,
+    parent_run_id: str | None = None,
+    eval_split: str = "val",
+    on_eval: Callable[[int, SegMetrics], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> RunResult:
+    """The tracked training of one model (student or teacher), resumable from ``run_dir/last.pt``."""
+    eval_set = splits.holdout if eval_split == "holdout" else splits.val
+    if eval_set is None:
+        raise UserError("data.holdout_fraction: evaluating on the held-out split needs data.holdout_fraction > 0")
+    optimizer = make_optimizer(model, method, train_cfg, train_cfg.lr)
+    state = TrainState(
+        student=model,
+        method=method,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=poly_schedule(optimizer, train_cfg.iterations, train_cfg.poly_power),
+        total_steps=train_cfg.iterations,
+    )
+    ckpt_path = run_dir / "last.pt"
+    run_id = None
+    if resume and ckpt_path.is_file():
+        ckpt = load(ckpt_path, "--resume")
+        if ckpt.get("recipe_hash") != recipe.hash():
+            raise UserError(f"--resume: {ckpt_path} was written by a different recipe; drop --resume to start over")
+        load_state(state, ckpt)
+        run_id = ckpt.get("mlflow_run_id")
+        if not quiet:
+            console.print(f"Resuming {run_name} from step {state.step}/{state.total_steps} ({ckpt_path})")
+    elif resume and not quiet and role == "student":
+        console.print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
+
+    tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment or f"kdbench-{recipe.benchmark}")
+    d = recipe.data
+    tags = {
+        "kdbench.role": role,
+        "method": method_name,
+        "preset": str(recipe.method.preset) if role == "student" else "-",
+        "dataset": d.dataset,
+        "teacher": f"{recipe.teacher.arch}/{recipe.teacher.backbone}",
+        "student": f"{model_cfg.arch}/{model_cfg.backbone}",
+        "seed": str(seed),
+        "recipe.hash": recipe.hash(),
+        "eval_split": eval_split,
+        **(extra_tags or {}),
+    }
+    run_id = tracker.start(run_name, tags, flatten(recipe.to_dict()), run_id=run_id, parent_run_id=parent_run_id)
+    start = time.perf_counter()
+
+    def eval_hook(step: int, metrics: SegMetrics) -> None:
+        if on_eval is not None:
+            on_eval(step, metrics)
+
+    hooks = LoopHooks(
+        log=tracker.log_metrics,
+        on_eval=eval_hook,
+        after_step=after_step or (lambda step: None),
+        checkpoint_extra={"recipe_hash": recipe.hash(), "mlflow_run_id": run_id},
+    )
+    try:
+        run_loop(
+            state,
+            splits.train,
+            eval_set,
+            splits.num_classes,
+            train_cfg,
+            recipe.eval,
+            seed,
+            ckpt_path,
+            hooks,
+            workers=d.workers,
+            progress=not quiet,
+            label=f"{role} {run_name}",
+        )
+        metrics, cm = evaluate(model, eval_set, splits.num_classes, recipe.eval, progress=not quiet)
+        eval_hook(state.step, metrics)
+        _log_final(tracker, recipe, metrics, cm, splits.class_names, model, run_dir, state.step)
+    except KeyboardInterrupt:
+        tracker.end("KILLED", "interrupted; continue with --resume")
+        raise
+    except BaseException as err:
+        tracker.end("FAILED", "".join(traceback.format_exception_only(err)).strip())
+        raise
+    tracker.end("FINISHED")
+    return RunResult(run_id, metrics, list(splits.class_names), time.perf_counter() - start, ckpt_path)
+
+
+def _log_final(
+    tracker: Tracker,
+    recipe: Recipe,
+    metrics: SegMetrics,
+    cm: torch.Tensor,
+    class_names: list[str],
+    model: torch.nn.Module,
+    run_dir: Path,
+    step: int,
+) -> None:
+    final = {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
+    for name, iou in zip(class_names, metrics.iou):
+        if iou == iou:  # NaN: the class never occurs in this split
+            final[f"iou/{name}"] = iou
+    tracker.log_metrics(final, step)
+    tracker.log_text(dump_yaml(recipe), "recipe.yaml")
+    tracker.log_dict({"class_names": list(class_names), "rows_true_cols_pred": cm.tolist()}, "confusion_matrix.json")
+    tracker.log_dict({"miou": metrics.miou, "pixel_acc": metrics.pixel_acc, "iou": dict(zip(class_names, metrics.iou))}, "metrics.json")
+    if recipe.tracking.log_checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "model.pt"
+            torch.save(model.state_dict(), p)
+            tracker.log_file(p)

@@ -1,0 +1,96 @@
+"""MLflow tracking: one run per training run, everything a table needs on the run itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+
+import kdbench
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """A thin, explicit wrapper: start (or reopen) a run, log, end with a status."""
+
+    def __init__(self, uri: str | None, experiment: str) -> None:
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        self.experiment = experiment
+        self.client = mlflow.MlflowClient()
+        self.run_id: str | None = None
+
+    def start(
+        self,
+        run_name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
+        """A new run, or the run ``run_id`` reopened (resume). Returns the run id."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        if run_id is None:
+            tags = {**tags, "kdbench.version": kdbench.__version__, "git.commit": git_commit()}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            items = [mlflow.entities.Param(k, _param(v)) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        items = [mlflow.entities.Metric(_metric_key(k), float(v), _now_ms(), step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(obj, indent=1), name)
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        if error:
+            self.client.set_tag(self.run_id, "error", error[:5000])
+        self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+def _param(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
+    return s[:6000]
+
+
+def _metric_key(k: str) -> str:
+    return k.replace("@", "_")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

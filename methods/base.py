@@ -1,0 +1,109 @@
+"""The method contract: what every distillation method implements.
+
+A method is an ``nn.Module`` with a dataclass of hyper-parameters (``Config``) and named presets.
+The engine gives it the student's and the teacher's named features (see ``kdbench.models``) and the
+labels; it returns a dict of named, already weighted loss terms that the engine adds to the task loss
+and logs one by one. Learnable parts (connectors, attention modules) live on the method and are
+trained with the student. A part that needs its own optimizer (a discriminator) is declared in
+``own_optimizers`` and stepped in ``own_step``; the engine never special-cases a method by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def hparam(
+    default: Any,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    log: bool = False,
+    choices: tuple | None = None,
+) -> Any:
+    """A hyper-parameter field: default, one-line help and the Optuna search range (if tunable)."""
+    meta = {"help": help, "low": low, "high": high, "log": log, "choices": choices}
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Channels of each named feature of a model, so a method can size its connectors."""
+
+    channels: dict[str, int]
+    num_classes: int
+
+
+@dataclass
+class NoConfig:
+    """A method without hyper-parameters."""
+
+
+class Method(nn.Module):
+    """Base class of all distillation methods."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    #: preset name -> overrides of Config defaults. "default" is the Config defaults themselves.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the preset used when the recipe names none
+    default_preset: ClassVar[str] = "default"
+
+    def __init__(self, cfg: Any, student: FeatureSpec, teacher: FeatureSpec) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student_spec = student
+        self.teacher_spec = teacher
+
+    #: False lets the engine skip the teacher entirely (the plain student)
+    needs_teacher: ClassVar[bool] = True
+
+    # -- what the engine asks -------------------------------------------------------------
+    def forward(
+        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Named, weighted loss terms. ``target`` is the label map at input size (255 = ignore)."""
+        raise NotImplementedError
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the student's optimizer: all, except those of ``own_optimizers``."""
+        own = {id(p) for opt in self._own_optimizers.values() for g in opt.param_groups for p in g["params"]}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers the method steps itself (e.g. a discriminator's). Built once by the engine."""
+        return {}
+
+    @property
+    def _own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if "_optims" not in self.__dict__:
+            self.__dict__["_optims"] = self.configure_optimizers()
+        return self.__dict__["_optims"]
+
+    def own_step(
+        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], target: torch.Tensor
+    ) -> dict[str, float]:
+        """Called after the student's optimizer step with detached outputs; returns logged values."""
+        return {}
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Told the current step before each training step (for warm-ups and freezes)."""
+
+    # -- checkpointing -------------------------------------------------------------------
+    def optimizer_state(self) -> dict[str, Any]:
+        return {k: opt.state_dict() for k, opt in self._own_optimizers.items()}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        for k, opt in self._own_optimizers.items():
+            opt.load_state_dict(state[k])
+
+
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
