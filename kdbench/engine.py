@@ -102,6 +102,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
+    steps_per_epoch: int = 1
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -112,7 +113,7 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) ->
     state.student.train()
     if method is not None:
         method.train()
-        method.on_step(state.step, state.total_steps)
+        method.on_step(state.step, state.total_steps, state.steps_per_epoch)
     t_out: dict[str, torch.Tensor] = {}
     if state.teacher is not None and (method is None or method.needs_teacher):
         with torch.no_grad():

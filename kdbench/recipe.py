@@ -296,7 +296,7 @@ def load_recipe(
 
 def validate(recipe: Recipe) -> Recipe:
     """Impossible values and missing files; also resolves the method section against its class."""
-    from kdbench.methods import resolve_config
+    from kdbench.methods import get_method_class, resolve_config
 
     t, d = recipe.train, recipe.data
     positive = {
@@ -350,7 +350,12 @@ def validate(recipe: Recipe) -> Recipe:
     preset, cfg = resolve_config(recipe.method.name, recipe.method.preset, recipe.method.params)
     # the resolved method (preset + every option) is part of the recipe, so it is logged and hashed
     resolved = MethodConfig(name=recipe.method.name, preset=preset, params=_plain(dataclasses.asdict(cfg)))
-    return dataclasses.replace(recipe, method=resolved)
+    needs = get_method_class(recipe.method.name).teacher_requirements(cfg)
+    teacher = dataclasses.replace(recipe.teacher, **needs) if needs else recipe.teacher
+    if needs and recipe.teacher.checkpoint and teacher != recipe.teacher:
+        wanted = ", ".join(f"teacher.{k}={v}" for k, v in needs.items())
+        raise UserError(f"teacher.checkpoint: method {recipe.method.name!r} as configured needs a teacher trained with {wanted}")
+    return dataclasses.replace(recipe, method=resolved, teacher=teacher)
 
 
 def teacher_key(recipe: Recipe) -> str:

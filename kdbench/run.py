@@ -182,8 +182,12 @@ def run(
     teacher, teacher_meta = ensure_teacher(recipe, splits, quiet) if needs_teacher else (None, {})
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, splits.num_classes)
-    s_spec = FeatureSpec(dict(student.feature_channels), splits.num_classes)
-    t_spec = FeatureSpec(dict(teacher.feature_channels), splits.num_classes) if teacher is not None else s_spec
+    s_spec = FeatureSpec(dict(student.feature_channels), splits.num_classes, tuple(recipe.student.attention_taps))
+    t_spec = (
+        FeatureSpec(dict(teacher.feature_channels), splits.num_classes, tuple(recipe.teacher.attention_taps))
+        if teacher is not None
+        else s_spec
+    )
     _, cfg = resolve_config(m.name, m.preset, m.params)
     method = build_method(m.name, cfg, s_spec, t_spec)
     tags = {"kdbench.role": "student", "teacher.miou": f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}
@@ -244,6 +248,7 @@ def _train(
         optimizer=optimizer,
         scheduler=poly_schedule(optimizer, train_cfg.iterations, train_cfg.poly_power),
         total_steps=train_cfg.iterations,
+        steps_per_epoch=max(1, len(splits.train) // train_cfg.batch_size),
     )
     ckpt_path = run_dir / "last.pt"
     run_id = None

@@ -39,6 +39,8 @@ class FeatureSpec:
 
     channels: dict[str, int]
     num_classes: int
+    #: taps refined by a CBAM inside the model's own forward pass
+    attention_taps: tuple[str, ...] = ()
 
 
 @dataclass
@@ -64,6 +66,14 @@ class Method(nn.Module):
 
     #: False lets the engine skip the teacher entirely (the plain student)
     needs_teacher: ClassVar[bool] = True
+
+    @classmethod
+    def teacher_requirements(cls, cfg: Any) -> dict[str, Any]:
+        """Teacher-recipe keys this configuration needs (e.g. CBAMs trained inside the teacher).
+
+        Applied to the recipe's teacher section when the recipe is resolved, so the teacher cache
+        key, the logged recipe and the trained teacher all agree."""
+        return {}
 
     # -- what the engine asks -------------------------------------------------------------
     def forward(
@@ -93,7 +103,7 @@ class Method(nn.Module):
         """Called after the student's optimizer step with detached outputs; returns logged values."""
         return {}
 
-    def on_step(self, step: int, total_steps: int) -> None:
+    def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         """Told the current step before each training step (for warm-ups and freezes)."""
 
     # -- checkpointing -------------------------------------------------------------------

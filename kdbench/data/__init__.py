@@ -1,0 +1,113 @@
+"""Datasets and the train / held-out / val splits a run uses.
+
+The held-out split is a seeded part of the training ids, removed from training and evaluated like
+val: hyper-parameter tuning optimises it, never the val split that tables report.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from kdbench.data.cityscapes import Cityscapes
+from kdbench.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from kdbench.data.synthetic import ensure_synthetic
+from kdbench.data.transforms import eval_transform, train_transform
+from kdbench.data.voc import VOCSegmentation
+from kdbench.errors import UserError
+
+__all__ = ["Splits", "build_splits", "Cityscapes", "VOCSegmentation", "ensure_synthetic"]
+
+DATASETS = ("synthetic", "voc", "cityscapes")
+ROOT_ENV = {"voc": "KDBENCH_VOC_ROOT", "cityscapes": "KDBENCH_CITYSCAPES_ROOT"}
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    #: None when holdout_fraction is 0
+    holdout: Dataset | None
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench").expanduser()
+
+
+def _resolve_root(dataset: str, root: str | None) -> str:
+    root = root or os.environ.get(ROOT_ENV[dataset])
+    if not root:
+        raise UserError(
+            f"data.root is not set for dataset {dataset!r}: set data.root in the recipe "
+            f"or the environment variable {ROOT_ENV[dataset]}"
+        )
+    return root
+
+
+def _synthetic_root(synthetic: dict[str, Any] | None, cache_dir: str | Path | None, progress: bool) -> Path:
+    expected = {"num_train", "num_val", "image_size", "seed"}
+    params = dict(synthetic or {})
+    if set(params) != expected:
+        raise UserError(f"data.synthetic: expected the keys {sorted(expected)}, got {sorted(params)}")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return ensure_synthetic(cache, **params, progress=progress)
+
+
+def build_splits(
+    dataset: str,
+    root: str | None,
+    *,
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    flip: bool = True,
+    normalize: str = "imagenet",
+    use_sbd: bool = True,
+    holdout_fraction: float = 0.0,
+    seed: int = 0,
+    synthetic: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Splits:
+    """Train (augmented crops), held-out and val (full images) splits of ``dataset``."""
+    if dataset not in DATASETS:
+        raise UserError(f"data.dataset: expected one of {list(DATASETS)}, got {dataset!r}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise UserError(f"data.holdout_fraction: must be in [0, 1), got {holdout_fraction}")
+    train_tf = train_transform(crop_size, scale_range, flip, normalize)
+    eval_tf = eval_transform(normalize)
+
+    if dataset == "cityscapes":
+        path = _resolve_root(dataset, root)
+        train_set: VOCSegmentation | Cityscapes = Cityscapes(path, "train", train_tf)
+        val: Dataset = Cityscapes(path, "val", eval_tf)
+    else:
+        if dataset == "synthetic":
+            path = root or str(_synthetic_root(synthetic, cache_dir, progress))
+            kwargs: dict[str, Any] = {"use_sbd": False, "class_names": SYNTHETIC_CLASSES}
+        else:
+            path = _resolve_root(dataset, root)
+            kwargs = {"use_sbd": use_sbd}
+        train_set = VOCSegmentation(path, "train", train_tf, **kwargs)
+        val = VOCSegmentation(path, "val", eval_tf, **kwargs)
+
+    holdout: Dataset | None = None
+    train: Dataset = train_set
+    if holdout_fraction > 0:
+        n = len(train_set)
+        count = max(1, round(n * holdout_fraction))
+        if count >= n:
+            raise UserError(f"data.holdout_fraction: {holdout_fraction} of {n} training images leaves none to train on")
+        order = np.random.default_rng(seed).permutation(n)
+        held_out_set = copy.copy(train_set)  # same file lists, scanned once; only the transform differs
+        held_out_set.transform = eval_tf
+        holdout = Subset(held_out_set, sorted(order[:count].tolist()))
+        train = Subset(train_set, sorted(order[count:].tolist()))
+    return Splits(train, holdout, val, train_set.num_classes, list(train_set.class_names))

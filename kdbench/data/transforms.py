@@ -1,0 +1,132 @@
+"""Joint image/mask transforms.
+
+Image and mask travel together as tv_tensors through one torchvision v2 pipeline, so every random
+geometric choice (scale, crop offset, flip) is drawn once and applied to both, and the mask is
+always resized with nearest interpolation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from kdbench.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: CIRKD (and the Caffe DeepLab it descends from) subtracts these from 0-255 pixels in B, G, R order.
+CIRKD_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+NORMALIZATIONS = ("imagenet", "cirkd_bgr")
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+JointTransform = Callable[[Image.Image, "Image.Image | np.ndarray"], Pair]
+
+
+class RandomScale(v2.Transform):
+    """Resize by a factor drawn uniformly from ``scale_range``, relative to the input's own size.
+
+    v2.RandomResize and v2.ScaleJitter scale to absolute sizes; segmentation recipes scale each
+    image relative to itself, whatever its size.
+    """
+
+    def __init__(self, scale_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        low, high = self.scale_range
+        return {"factor": low + (high - low) * torch.rand(()).item()}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        h, w = F.get_size(inpt)
+        size = [max(1, round(h * params["factor"])), max(1, round(w * params["factor"]))]
+        return F.resize(inpt, size, antialias=True)  # masks dispatch to the nearest-neighbour kernel
+
+
+class PadToSize(v2.Transform):
+    """Pad bottom/right up to ``size``: image with 0, mask with the ignore index.
+
+    v2.RandomCrop(pad_if_needed=True) pads both sides by the whole missing amount, which crops
+    more padding than needed; the reference segmentation codes pad bottom/right only.
+    """
+
+    def __init__(self, size: tuple[int, int], ignore_index: int) -> None:
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.ignore_index = ignore_index
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        h, w = F.get_size(inpt)
+        pad_h, pad_w = max(0, self.size[0] - h), max(0, self.size[1] - w)
+        if pad_h == 0 and pad_w == 0:
+            return inpt
+        fill = self.ignore_index if isinstance(inpt, tv_tensors.Mask) else 0
+        return F.pad(inpt, [0, 0, pad_w, pad_h], fill=fill)
+
+
+class Normalize(v2.Transform):
+    """uint8 image -> normalised float image; masks pass through."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        if mode not in NORMALIZATIONS:
+            raise UserError(f"data.normalize: expected one of {list(NORMALIZATIONS)}, got {mode!r}")
+        self.mode = mode
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        if self.mode == "imagenet":
+            image = F.to_dtype(inpt, torch.float32, scale=True)
+            return F.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+        bgr = inpt.as_subclass(torch.Tensor).flip(0).float()
+        return tv_tensors.wrap(bgr - torch.tensor(CIRKD_BGR_MEAN).view(3, 1, 1), like=inpt)
+
+
+class Joint:
+    """Wraps a v2 pipeline: PIL image + PIL/numpy mask in, (float 3xHxW, int64 HxW) out."""
+
+    def __init__(self, pipeline: v2.Transform) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, image: Image.Image, mask: Image.Image | np.ndarray) -> Pair:
+        img = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+        lbl = tv_tensors.Mask(torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True)))
+        if img.shape[-2:] != lbl.shape[-2:]:
+            raise UserError(f"image {tuple(img.shape[-2:])} and mask {tuple(lbl.shape[-2:])} differ in size")
+        img, lbl = self.pipeline(img, lbl)
+        return img.as_subclass(torch.Tensor), lbl.as_subclass(torch.Tensor).long()
+
+    def __repr__(self) -> str:
+        return f"Joint({self.pipeline})"
+
+
+def train_transform(
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    flip: bool = True,
+    normalize: str = "imagenet",
+    ignore_index: int = 255,
+) -> Joint:
+    """Random scale, pad, random crop to ``crop_size`` (H, W), horizontal flip, normalise."""
+    crop = (int(crop_size[0]), int(crop_size[1]))
+    steps: list[v2.Transform] = [
+        RandomScale(scale_range),
+        PadToSize(crop, ignore_index),
+        v2.RandomCrop(crop),
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(Normalize(normalize))
+    return Joint(v2.Compose(steps))
+
+
+def eval_transform(normalize: str = "imagenet") -> Joint:
+    """Full-size image, normalised: evaluation sees every pixel at its own resolution."""
+    return Joint(Normalize(normalize))

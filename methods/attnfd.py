@@ -1,0 +1,165 @@
+"""AttnFD: attention-guided feature distillation (Mansourian et al., arXiv 2403.05451).
+
+For each distilled layer l (default: ``backbone``, ``encoder``, ``decoder``)
+
+    F_s' = connector( CBAM_s(f_s) )        learnable CBAM, then 1x1 conv (no bias) + BN to C_t
+    F_t' = A_t(f_t)                        teacher-side refinement, see ``teacher_attention``
+    L    = alpha * sum_l  D( F_s', F_t' )
+
+with CBAM(x) = x * Mc * Ms (channel gate, then spatial gate; Woo et al., ECCV 2018).
+
+The paper, its released code and the authors' answers disagree on two points; each reading is an
+option, and the presets name the combinations:
+
+``teacher_attention``
+    ``free``        parameter-free gates on the frozen teacher feature: Mc = sigmoid(avgpool + maxpool)
+                    per channel, Ms = sigmoid(channel-max + channel-mean) (the authors' development code)
+    ``pretrained``  CBAMs trained inside the teacher's forward pass, then frozen with it (the paper);
+                    kdbench trains such a teacher itself (teacher.attention_taps), cached separately
+    ``random``      CBAMs with random, frozen weights on the teacher feature (what the released code does)
+``normalize``
+    ``batch``       each map divided by its one L2 norm over B x C x H x W; D = sum (F_s' - F_t')^2 / B
+                    (the released code; the authors say it is the correct one)
+    ``channel``     each pixel's C-vector L2-normalised; D = sum over pixels and batch of ||u_s - u_t||_2
+                    divided by H*W (``squared``: ||.||_2^2) (the paper's wording, the development code)
+
+Presets: ``default`` = free + batch, alpha 2 (the official VOC alpha); ``paper`` = pretrained +
+channel; ``code`` = random + batch with the released code's quirks: the connectors are warmed up
+alone during the first epoch (the distillation gradient does not reach the student) and frozen
+afterwards, and the student's channel-gate MLP is never updated.
+
+Deliberate differences: when student and teacher maps differ in spatial size (e.g. output stride 16
+vs 8), the student map is resized to the teacher's (bilinear) instead of failing; the random
+teacher CBAMs are kept in eval mode, so their BatchNorm uses its initial statistics (identity)
+rather than the statistics of each batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.models.cbam import CBAM
+
+from .base import Method, hparam
+
+LAYERS = ("backbone", "encoder", "decoder")
+
+
+def free_attention(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free CBAM: x * sigmoid(avg + max over space) * sigmoid(max + mean over channels)."""
+    x = x * torch.sigmoid(x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
+    return x * torch.sigmoid(x.amax(dim=1, keepdim=True) + x.mean(dim=1, keepdim=True))
+
+
+def batch_normalized_distance(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    """Each map over its single L2 norm (whole B x C x H x W tensor); squared differences summed, / B."""
+    return ((fs / fs.norm() - ft / ft.norm()) ** 2).sum() / fs.shape[0]
+
+
+def channel_normalized_distance(fs: torch.Tensor, ft: torch.Tensor, squared: bool = False) -> torch.Tensor:
+    """Per-pixel channel vectors L2-normalised; their L2 distance summed over batch and pixels, / (H*W)."""
+    d = (F.normalize(fs, dim=1) - F.normalize(ft, dim=1)).norm(dim=1)
+    d = d**2 if squared else d
+    return d.sum() / (fs.shape[2] * fs.shape[3])
+
+
+def attnfd_distance(fs: torch.Tensor, ft: torch.Tensor, normalize: str = "batch", squared: bool = False) -> torch.Tensor:
+    """D(F_s', F_t') of one layer; the student map is resized to the teacher's when sizes differ."""
+    if fs.shape[-2:] != ft.shape[-2:]:
+        fs = F.interpolate(fs, size=ft.shape[-2:], mode="bilinear", align_corners=False)
+    if normalize == "batch":
+        return batch_normalized_distance(fs, ft)
+    return channel_normalized_distance(fs, ft, squared)
+
+
+@dataclass
+class AttnFDConfig:
+    alpha: float = hparam(2.0, "weight of the summed layer distances", low=0.1, high=20.0, log=True)
+    layers: list[str] = hparam(list(LAYERS), "distilled taps: any of backbone, encoder, decoder")
+    teacher_attention: Literal["free", "pretrained", "random"] = hparam(
+        "free", "teacher-side refinement", choices=("free", "pretrained", "random")
+    )
+    normalize: Literal["batch", "channel"] = hparam("batch", "feature normalisation", choices=("batch", "channel"))
+    squared: bool = hparam(False, "channel normalisation: squared L2 distance instead of L2")
+    reduction: int = hparam(16, "CBAM channel-MLP reduction ratio")
+    connector_warmup_epochs: int = hparam(0, "train only the connectors for this many epochs, then freeze them")
+    freeze_channel_mlp: bool = hparam(False, "never update the student CBAM's channel-gate MLP")
+
+    def __post_init__(self) -> None:
+        bad = [layer for layer in self.layers if layer not in LAYERS]
+        if bad or not self.layers:
+            raise ValueError(f"attnfd layers: expected a non-empty subset of {list(LAYERS)}, got {self.layers}")
+
+
+class AttnFD(Method):
+    """Attention-guided feature distillation: CBAM-refined features, plain MSE."""
+
+    name = "attnfd"
+    Config = AttnFDConfig
+    presets = {
+        "paper": {"teacher_attention": "pretrained", "normalize": "channel"},
+        "code": {
+            "teacher_attention": "random",
+            "normalize": "batch",
+            "connector_warmup_epochs": 1,
+            "freeze_channel_mlp": True,
+        },
+    }
+
+    @classmethod
+    def teacher_requirements(cls, cfg: AttnFDConfig) -> dict:
+        return {"attention_taps": tuple(cfg.layers)} if cfg.teacher_attention == "pretrained" else {}
+
+    def __init__(self, cfg: AttnFDConfig, student, teacher) -> None:
+        super().__init__(cfg, student, teacher)
+        if cfg.teacher_attention == "pretrained" and set(cfg.layers) - set(teacher.attention_taps):
+            raise ValueError(f"attnfd: teacher_attention=pretrained needs a teacher with attention_taps {cfg.layers}")
+        self.student_cbam = nn.ModuleDict({k: CBAM(student.channels[k], cfg.reduction) for k in cfg.layers})
+        self.connectors = nn.ModuleDict(
+            {
+                k: nn.Sequential(nn.Conv2d(student.channels[k], teacher.channels[k], 1, bias=False), nn.BatchNorm2d(teacher.channels[k]))
+                for k in cfg.layers
+            }
+        )
+        if cfg.teacher_attention == "random":
+            self.teacher_cbam = nn.ModuleDict({k: CBAM(teacher.channels[k], cfg.reduction) for k in cfg.layers})
+            self.teacher_cbam.requires_grad_(False)
+        if cfg.freeze_channel_mlp:
+            for cbam in self.student_cbam.values():
+                cbam.channel_gate.requires_grad_(False)
+        self._warming_up = False
+
+    def train(self, mode: bool = True) -> "AttnFD":
+        super().train(mode)
+        if self.cfg.teacher_attention == "random":
+            self.teacher_cbam.eval()
+        return self
+
+    def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        warmup = self.cfg.connector_warmup_epochs * steps_per_epoch
+        if warmup:
+            self._warming_up = step < warmup
+            self.connectors.requires_grad_(self._warming_up)
+
+    def refine_teacher(self, layer: str, f: torch.Tensor) -> torch.Tensor:
+        if self.cfg.teacher_attention == "free":
+            return free_attention(f)
+        if self.cfg.teacher_attention == "random":
+            return self.teacher_cbam[layer](f)
+        return f  # pretrained: the teacher's own CBAM already refined it in its forward pass
+
+    def forward(self, student, teacher, target) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        total = 0.0
+        for layer in c.layers:
+            fs = student[layer].detach() if self._warming_up else student[layer]
+            fs = self.connectors[layer](self.student_cbam[layer](fs))
+            with torch.no_grad():
+                ft = self.refine_teacher(layer, teacher[layer])
+            total = total + attnfd_distance(fs, ft, c.normalize, c.squared)
+        return {"attnfd": c.alpha * total}

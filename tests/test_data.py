@@ -1,0 +1,308 @@
+"""Data: VOC / Cityscapes loaders on tiny fixture trees, the synthetic benchmark, transforms, splits."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+
+from kdbench.data import Splits, build_splits
+from kdbench.data.cityscapes import Cityscapes
+from kdbench.data.synthetic import CLASS_NAMES, ensure_synthetic, generate
+from kdbench.data.transforms import CIRKD_BGR_MEAN, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from kdbench.data.voc import VOC_CLASSES, VOCSegmentation
+from kdbench.errors import UserError
+
+PALETTE = [v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)]
+
+
+def _write_image(path: Path, h: int, w: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _write_label(path: Path, label: np.ndarray, palette: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(label.astype(np.uint8))
+    if palette:
+        image.putpalette(PALETTE)
+    image.save(path)
+
+
+def _voc_label(value: int, h: int = 20, w: int = 30) -> np.ndarray:
+    label = np.zeros((h, w), dtype=np.uint8)
+    label[5:15, 5:20] = value
+    label[:, 0] = 255
+    return label
+
+
+def make_voc(base: Path, train: list[str], val: list[str], aug: list[str] | None = None) -> Path:
+    """A VOCdevkit tree under ``base``; ``aug`` ids get SBD labels (value 20) and train_aug.txt."""
+    root = base / "VOCdevkit" / "VOC2012"
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    for n, i in enumerate(train + val):
+        _write_image(root / "JPEGImages" / f"{i}.jpg", 20, 30, n)
+        _write_label(root / "SegmentationClass" / f"{i}.png", _voc_label(1 + n))
+    (sets / "train.txt").write_text("\n".join(train) + "\n")
+    (sets / "val.txt").write_text("\n".join(val) + "\n")
+    if aug is not None:
+        for n, i in enumerate(aug):
+            _write_image(root / "JPEGImages" / f"{i}.jpg", 20, 30, 100 + n)
+            _write_label(root / "SegmentationClassAug" / f"{i}.png", _voc_label(20), palette=False)
+        (sets / "train_aug.txt").write_text("".join(f"{i}\n" for i in aug + train[:1]))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ VOC
+
+
+def test_voc_reads_palette_indices_from_any_root_level(tmp_path: Path) -> None:
+    root = make_voc(tmp_path, ["a", "b", "c"], ["d", "e"])
+    for given in (tmp_path, tmp_path / "VOCdevkit", root):
+        ds = VOCSegmentation(given, "train", None)
+        assert ds.root == root and len(ds) == 3 and ds.ids == ["a", "b", "c"]
+    assert ds.num_classes == 21 and ds.class_names == VOC_CLASSES
+    image, mask = ds[1]
+    assert image.size == (30, 20) and mask.shape == (20, 30)
+    assert set(np.unique(mask).tolist()) == {0, 2, 255}  # indices, not palette colours
+
+    val = VOCSegmentation(root, "val", eval_transform())
+    x, y = val[0]
+    assert x.shape == (3, 20, 30) and x.dtype == torch.float32
+    assert y.shape == (20, 30) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) == {0, 4, 255}
+
+
+def test_voc_sbd_train_aug(tmp_path: Path) -> None:
+    root = make_voc(tmp_path, ["a", "b"], ["v"], aug=["s1", "s2", "s3"])
+    sbd = VOCSegmentation(root, "train", None)
+    assert sbd.ids == ["s1", "s2", "s3", "a"]
+    assert [p.parent.name for p in sbd.labels] == ["SegmentationClassAug"] * 3 + ["SegmentationClass"]
+    assert set(np.unique(sbd[0][1]).tolist()) == {0, 20, 255}
+    assert len(VOCSegmentation(root, "train", None, use_sbd=False)) == 2
+    assert len(VOCSegmentation(root, "val", None)) == 1  # val never uses the SBD list
+
+
+def test_voc_accepts_png_images_and_pair_lines(tmp_path: Path) -> None:
+    root = make_voc(tmp_path, ["a"], ["v"])
+    (root / "JPEGImages" / "a.jpg").rename(root / "JPEGImages" / "a.png")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("/JPEGImages/a.jpg /SegmentationClass/a.png\n")
+    ds = VOCSegmentation(root, "train", None)
+    assert ds.ids == ["a"] and ds.images[0].name == "a.png"
+
+
+def test_voc_errors_name_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no folder .*KDBENCH_VOC_ROOT"):
+        VOCSegmentation(tmp_path / "nowhere", "train", None)
+    with pytest.raises(UserError, match="no ImageSets/Segmentation under .*VOCdevkit layout"):
+        VOCSegmentation(tmp_path, "train", None)
+    root = make_voc(tmp_path, ["a", "b", "c"], ["v"])
+    with pytest.raises(UserError, match="no ImageSets/Segmentation/test.txt under"):
+        VOCSegmentation(root, "test", None)
+    (root / "JPEGImages" / "b.jpg").unlink()
+    (root / "JPEGImages" / "c.jpg").unlink()
+    with pytest.raises(UserError, match=r"2 of 3 files listed in .*train.txt are missing, first: .*JPEGImages/b.jpg"):
+        VOCSegmentation(root, "train", None)
+    (root / "SegmentationClass" / "v.png").unlink()
+    with pytest.raises(UserError, match=r"1 of 1 .* first: .*SegmentationClass/v.png"):
+        VOCSegmentation(root, "val", None)
+
+
+# ----------------------------------------------------------------------------------------- Cityscapes
+
+
+def make_cityscapes(root: Path) -> None:
+    label = np.zeros((32, 64), dtype=np.uint8)
+    label[:, 16:32], label[:, 32:48], label[:, 48:56], label[:, 56:] = 7, 26, 33, 24
+    for split, city, names in (("train", "aachen", ["aachen_000000_000019", "aachen_000001_000019"]),
+                               ("train", "bremen", ["bremen_000000_000019"]),
+                               ("val", "lindau", ["lindau_000000_000019"])):  # fmt: skip
+        for n, name in enumerate(names):
+            _write_image(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", 32, 64, n)
+            _write_label(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", label, palette=False)
+
+
+def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path)
+    train = Cityscapes(tmp_path, "train", None)
+    assert len(train) == 3 and train.num_classes == 19 and len(train.class_names) == 19
+    assert train.ids[0] == "aachen_000000_000019"
+    image, mask = train[0]
+    assert image.size == (64, 32) and mask.shape == (32, 64)
+    assert (mask[:, :16] == 255).all()  # labelId 0 (unlabeled)
+    assert (mask[:, 16:32] == 0).all()  # road
+    assert (mask[:, 32:48] == 13).all()  # car
+    assert (mask[:, 48:56] == 18).all()  # bicycle
+    assert (mask[:, 56:] == 11).all()  # person
+    x, y = Cityscapes(tmp_path, "val", eval_transform())[0]
+    assert x.shape == (3, 32, 64) and y.shape == (32, 64) and y.dtype == torch.int64
+
+
+def test_cityscapes_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"no folder .*leftImg8bit/train.*KDBENCH_CITYSCAPES_ROOT"):
+        Cityscapes(tmp_path, "train", None)
+    make_cityscapes(tmp_path)
+    (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000000_000019_gtFine_labelIds.png").unlink()
+    with pytest.raises(UserError, match=r"1 of 3 images .* no label file, first: .*bremen_000000_000019_gtFine"):
+        Cityscapes(tmp_path, "train", None)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_synthetic_is_deterministic(tmp_path: Path) -> None:
+    a = _tree_hashes(generate(tmp_path / "a", 6, 2, 48, seed=3, progress=False))
+    b = _tree_hashes(generate(tmp_path / "b", 6, 2, 48, seed=3, progress=False))
+    c = _tree_hashes(generate(tmp_path / "c", 6, 2, 48, seed=4, progress=False))
+    assert len(a) == 2 * 8 + 3  # images, labels, train.txt, val.txt, info.json
+    assert a == b
+    pictures = [k for k in a if k.startswith("JPEGImages")]
+    assert all(a[k] != c[k] for k in pictures)
+
+
+def test_synthetic_reads_as_voc_with_every_class(tmp_path: Path) -> None:
+    root = generate(tmp_path / "syn", 40, 4, 64, seed=0, progress=False)
+    ds = VOCSegmentation(root, "train", None, class_names=CLASS_NAMES)
+    assert len(ds) == 40 and len(VOCSegmentation(root, "val", None)) == 4
+    assert ds.num_classes == len(CLASS_NAMES) and CLASS_NAMES[0] == "background"
+    seen: set[int] = set()
+    for image, mask in (ds[i] for i in range(len(ds))):
+        assert image.size == (64, 64) and mask.shape == (64, 64)
+        seen |= set(np.unique(mask).tolist())
+    assert seen <= set(range(len(CLASS_NAMES))) | {255}
+    assert seen >= set(range(len(CLASS_NAMES)))
+
+
+def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = ensure_synthetic(tmp_path, 3, 2, 32, seed=1, progress=False)
+    assert (first / "ImageSets" / "Segmentation" / "train.txt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left behind
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr("kdbench.data.synthetic.generate", fail)
+    assert ensure_synthetic(tmp_path, 3, 2, 32, seed=1, progress=False) == first
+    with pytest.raises(AssertionError):
+        ensure_synthetic(tmp_path, 3, 2, 32, seed=2, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # the failed generation left nothing
+    with pytest.raises(UserError, match="data.synthetic.image_size"):
+        ensure_synthetic(tmp_path, 3, 2, 0, seed=1)
+
+
+# ------------------------------------------------------------------------------------------------- splits
+
+
+def _synthetic_splits(tmp_path: Path, holdout_fraction: float, seed: int = 0) -> Splits:
+    return build_splits(
+        "synthetic",
+        None,
+        crop_size=(24, 24),
+        holdout_fraction=holdout_fraction,
+        seed=seed,
+        synthetic={"num_train": 10, "num_val": 3, "image_size": 32, "seed": 0},
+        cache_dir=tmp_path,
+        progress=False,
+    )
+
+
+def _ids(subset: Subset) -> set[str]:
+    return {subset.dataset.ids[i] for i in subset.indices}
+
+
+def test_build_splits_holdout_is_disjoint_from_train(tmp_path: Path) -> None:
+    splits = _synthetic_splits(tmp_path, 0.3)
+    assert splits.num_classes == len(CLASS_NAMES) and splits.class_names == list(CLASS_NAMES)
+    train_ids, holdout_ids = _ids(splits.train), _ids(splits.holdout)
+    assert len(holdout_ids) == 3 and len(train_ids) == 7
+    assert not train_ids & holdout_ids and len(train_ids | holdout_ids) == 10
+    assert holdout_ids == _ids(_synthetic_splits(tmp_path, 0.3).holdout)  # seeded
+    assert holdout_ids != _ids(_synthetic_splits(tmp_path, 0.3, seed=1).holdout)
+    assert splits.train[0][0].shape == (3, 24, 24)  # augmented crops
+    assert splits.holdout[0][0].shape == (3, 32, 32)  # full images, evaluated like val
+    assert splits.val[0][0].shape == (3, 32, 32) and len(splits.val) == 3
+    no_holdout = _synthetic_splits(tmp_path, 0.0)
+    assert no_holdout.holdout is None and len(no_holdout.train) == 10
+
+
+def test_build_splits_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KDBENCH_VOC_ROOT", raising=False)
+    monkeypatch.delenv("KDBENCH_CITYSCAPES_ROOT", raising=False)
+    with pytest.raises(UserError, match="data.dataset"):
+        build_splits("coco", None, crop_size=(8, 8))
+    with pytest.raises(UserError, match="data.root .*KDBENCH_VOC_ROOT"):
+        build_splits("voc", None, crop_size=(8, 8))
+    with pytest.raises(UserError, match="data.root .*KDBENCH_CITYSCAPES_ROOT"):
+        build_splits("cityscapes", None, crop_size=(8, 8))
+    with pytest.raises(UserError, match="data.holdout_fraction"):
+        build_splits("voc", str(tmp_path), crop_size=(8, 8), holdout_fraction=1.0)
+    with pytest.raises(UserError, match="data.synthetic"):
+        build_splits("synthetic", None, crop_size=(8, 8), synthetic={"num_train": 2}, cache_dir=tmp_path)
+
+
+def test_build_splits_reads_voc_and_cityscapes_roots_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_voc(tmp_path / "voc", ["a", "b", "c", "d"], ["v"], aug=["s"])
+    make_cityscapes(tmp_path / "cs")
+    monkeypatch.setenv("KDBENCH_VOC_ROOT", str(tmp_path / "voc"))
+    monkeypatch.setenv("KDBENCH_CITYSCAPES_ROOT", str(tmp_path / "cs"))
+    voc = build_splits("voc", None, crop_size=(16, 16), use_sbd=False, holdout_fraction=0.4)
+    assert (len(voc.train), len(voc.holdout), len(voc.val), voc.num_classes) == (2, 2, 1, 21)
+    assert len(build_splits("voc", None, crop_size=(16, 16)).train) == 2  # train_aug.txt: s, a
+    cs = build_splits("cityscapes", None, crop_size=(16, 32), normalize="cirkd_bgr")
+    assert (len(cs.train), len(cs.val), cs.num_classes) == (3, 1, 19)
+    x, y = cs.train[0]
+    assert x.shape == (3, 16, 32) and y.shape == (16, 32)
+
+
+# --------------------------------------------------------------------------------------------- transforms
+
+
+def test_train_transform_keeps_image_and_mask_aligned() -> None:
+    """The red channel encodes the label, so any misalignment shows as a pixel whose colour disagrees."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 10, (3, 4))
+    label = np.kron(blocks, np.ones((16, 16), dtype=np.int64)).astype(np.uint8)  # 48x64, 16x16 blocks
+    red = 20 + 20 * label.astype(np.uint8)
+    image = Image.fromarray(np.stack([red, np.full_like(red, 90), np.full_like(red, 160)], axis=-1))
+    transform = train_transform((48, 48), scale_range=(0.5, 2.0), normalize="imagenet")
+    torch.manual_seed(0)
+    padded = flipped_seen = 0
+    for _ in range(30):
+        x, y = transform(image, Image.fromarray(label))
+        assert x.shape == (3, 48, 48) and y.shape == (48, 48) and y.dtype == torch.int64
+        r = (x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        ignore = y == 255
+        padded += int(ignore.any())
+        assert torch.allclose(r[ignore], torch.zeros(()), atol=1.0)  # padding: image 0, mask ignore
+        # Compare away from block edges, where bilinear resizing blends neighbouring colours.
+        windows = torch.nn.functional.pad(y[None, None].float(), (2, 2, 2, 2), value=-1).unfold(2, 5, 1).unfold(3, 5, 1)
+        interior = (windows == y[None, None, :, :, None, None].float()).flatten(-2).all(-1)[0, 0] & ~ignore
+        assert interior.sum() > 50
+        assert torch.allclose(r[interior], 20 + 20 * y[interior].float(), atol=3.0)
+        flipped_seen += int((y[:, :8] == 255).all())  # padding sits bottom/right; after a flip it is on the left
+    assert padded > 0 and flipped_seen > 0
+
+
+def test_eval_transform_normalizations() -> None:
+    image = Image.fromarray(np.tile(np.array([10, 20, 30], dtype=np.uint8), (4, 5, 1)))
+    mask = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    x, y = eval_transform("cirkd_bgr")(image, mask)
+    assert x.shape == (3, 4, 5) and torch.equal(y, torch.from_numpy(mask).long())
+    expected = torch.tensor([30.0, 20.0, 10.0]) - torch.tensor(CIRKD_BGR_MEAN)  # BGR, 0-255, no std
+    assert torch.allclose(x[:, 0, 0], expected)
+    x, _ = eval_transform("imagenet")(image, mask)
+    expected = (torch.tensor([10.0, 20.0, 30.0]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(x[:, 0, 0], expected, atol=1e-6)
+    with pytest.raises(UserError, match="data.normalize"):
+        eval_transform("caffe")

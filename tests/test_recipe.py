@@ -1,0 +1,90 @@
+"""Recipe loading: overrides, method resolution, and one-line errors for bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from kdbench.errors import UserError
+from kdbench.recipe import load_recipe, teacher_key
+
+
+def test_default_and_tiny_recipes_load():
+    r = load_recipe()
+    assert r.data.dataset == "synthetic"
+    t = load_recipe("tiny")
+    assert t.train.iterations < r.train.iterations
+    assert t.method.name == "kd" and t.method.preset == "cirkd"
+    # the resolved method section carries every hyper-parameter, so MLflow logs all of them
+    assert t.method.params == {"weight": 1.0, "temperature": 1.0, "mask_ignore": False, "on": "logits"}
+
+
+@pytest.mark.parametrize("name", ["voc_r101_r18", "voc_r101_mbv2", "cityscapes_r101_r18", "cityscapes_r101_mbv2", "cirkd_cityscapes_r101_r18"])
+def test_paper_recipes_are_valid(name):
+    r = load_recipe(name)
+    assert r.teacher.backbone == "resnet101"
+
+
+def test_overrides_and_types():
+    r = load_recipe("tiny", ["train.lr=0.02", "train.crop_size=[16, 24]", "method.temperature=4", "data.flip=false"])
+    assert r.train.lr == 0.02 and r.train.crop_size == (16, 24)
+    assert r.method.params["temperature"] == 4.0 and r.data.flip is False
+    assert load_recipe("tiny", ["train.lr=1"]).train.lr == 1.0  # an int where a float is expected is fine
+
+
+def test_switching_method_drops_the_other_methods_hyperparameters():
+    r = load_recipe("tiny", method="none")
+    assert r.method.name == "none" and r.method.params == {}
+    with pytest.raises(UserError, match="method.temperature: unknown hyper-parameter of 'none'"):
+        load_recipe("tiny", ["method.temperature=4"], method="none")
+    r = load_recipe("tiny", ["method.temperature=4"], method="kd", seed=3)
+    assert r.method.params["temperature"] == 4.0 and r.seed == 3
+
+
+def test_hash_depends_on_values_and_teacher_key_ignores_student():
+    a, b = load_recipe("tiny"), load_recipe("tiny", ["train.lr=0.5"])
+    assert a.hash() != b.hash()
+    c = load_recipe("tiny", ["student.backbone=resnet18", "seed=5"])
+    assert teacher_key(a) == teacher_key(c)
+    assert teacher_key(a) != teacher_key(load_recipe("tiny", ["teacher.iterations=9"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=0.1"], r"^train.lrr: unknown key"),
+        (["train.lr=fast"], r"^train.lr: expected float, got 'fast'"),
+        (["train.iterations=0"], r"^train.iterations: must be positive"),
+        (["train.crop_size=[32]"], r"^train.crop_size: expected a list of 2 values"),
+        (["student.output_stride=32"], r"^student.output_stride: expected one of 8, 16"),
+        (["data.dataset=coco"], r"^data.dataset: expected one of 'synthetic', 'voc', 'cityscapes'"),
+        (["data.holdout_fraction=1.5"], r"^data.holdout_fraction: must be in \[0, 1\)"),
+        (["teacher.checkpoint=/nonexistent/t.pt"], r"^teacher.checkpoint: no checkpoint file /nonexistent/t.pt"),
+        (["data.root=/nonexistent/voc"], r"^data.root: no folder"),
+        (["method.name=magic"], r"^method: unknown method 'magic'"),
+        (["method.preset=nope"], r"^method.preset: method 'kd' has no preset 'nope'"),
+        (["method.tau=3"], r"^method.tau: unknown hyper-parameter of 'kd'"),
+        (["method.temperature=hot"], r"^method.temperature: expected float"),
+        (["student.attention_taps=[low]"], r"^student.attention_taps: unknown taps"),
+        (["train=3"], r"^train: expected a section"),
+        (["train.lr"], r"expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_are_one_clear_line(overrides, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_recipe("tiny", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_broken_recipe_files(tmp_path: Path):
+    with pytest.raises(UserError, match="no recipe named 'nosuch'"):
+        load_recipe("nosuch")
+    with pytest.raises(UserError, match="no recipe file"):
+        load_recipe(str(tmp_path / "x.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(UserError, match="a recipe is a mapping"):
+        load_recipe(str(listy))
