@@ -72,7 +72,16 @@ class _CountFrom(Sampler[int]):
 def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int, workers: int) -> DataLoader:
     """Batches ``start_step`` .. ``total_steps`` of a run."""
     sampler = _CountFrom(start_step * batch_size, total_steps * batch_size)
-    return DataLoader(SeededStream(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+    # an own generator: otherwise creating the iterator draws from the global RNG (dropout's), and
+    # a resumed run would draw at a different step than an uninterrupted one
+    return DataLoader(
+        SeededStream(dataset, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""DeepLabV3+ (the AttnFD setting) and DeepLabV3 (the CIRKD setting) on any timm backbone.
+
+Module names follow the reference code (DeepLabV3Plus-Pytorch, on which AttnFD builds): ``backbone``,
+``aspp``, ``project`` (low-level projection), ``decoder``, ``classifier``. Every model returns one
+dict with the same named features, so methods can tap any model; models know nothing about
+distillation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.models.cbam import CBAM
+
+TAPS = ("backbone", "encoder", "decoder")
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = 0 if kernel == 1 else dilation
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPPPooling(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = conv_bn_relu(cin, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(F.adaptive_avg_pool2d(x, 1))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """1x1 branch, three atrous 3x3 branches and image pooling, concatenated and projected."""
+
+    def __init__(self, cin: int, cout: int, rates: tuple[int, int, int]) -> None:
+        super().__init__()
+        branches = [conv_bn_relu(cin, cout)] + [conv_bn_relu(cin, cout, 3, r) for r in rates] + [ASPPPooling(cin, cout)]
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(conv_bn_relu(5 * cout, cout), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([b(x) for b in self.convs], dim=1))
+
+
+class SegmentationModel(nn.Module):
+    """Backbone -> ASPP (``encoder``) -> [low-level fusion] -> 3x3 conv (``decoder``) -> classifier.
+
+    ``plus=True`` is DeepLabV3+ (the decoder fuses the ASPP output, upsampled, with the projected
+    low-level feature); ``plus=False`` is DeepLabV3 (the decoder is a 3x3 conv on the ASPP output).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        low_index: int,
+        num_classes: int,
+        output_stride: int,
+        plus: bool,
+        aspp_channels: int,
+        decoder_channels: int,
+        low_channels: int,
+        attention_taps: tuple[str, ...],
+    ) -> None:
+        super().__init__()
+        info = backbone.feature_info
+        self.backbone = backbone
+        self.low_index = low_index
+        self.plus = plus
+        self.num_classes = num_classes
+        low_c, high_c = info.channels()[low_index], info.channels()[-1]
+        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        self.aspp = ASPP(high_c, aspp_channels, rates)
+        if plus:
+            self.project = conv_bn_relu(low_c, low_channels)
+            self.decoder = conv_bn_relu(aspp_channels + low_channels, decoder_channels, 3)
+        else:
+            self.decoder = nn.Sequential(conv_bn_relu(aspp_channels, decoder_channels, 3), nn.Dropout(0.1))
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+        self.feature_channels = {
+            "low": low_c,
+            "backbone": high_c,
+            "encoder": aspp_channels,
+            "decoder": decoder_channels,
+            "logits": num_classes,
+        }
+        self.attention = nn.ModuleDict({t: CBAM(self.feature_channels[t]) for t in attention_taps})
+
+    def _tap(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.attention[name](x) if name in self.attention else x
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(x)
+        low = feats[self.low_index]
+        high = self._tap("backbone", feats[-1])
+        enc = self._tap("encoder", self.aspp(high))
+        if self.plus:
+            up = F.interpolate(enc, size=low.shape[-2:], mode="bilinear", align_corners=False)
+            dec = self.decoder(torch.cat([up, self.project(low)], dim=1))
+        else:
+            dec = self.decoder(enc)
+        dec = self._tap("decoder", dec)
+        logits = self.classifier(dec)
+        out = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": out, "logits": logits, "low": low, "backbone": high, "encoder": enc, "decoder": dec}
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, head): the head usually learns faster (train.head_lr_mult)."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]

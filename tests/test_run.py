@@ -1,0 +1,93 @@
+"""End-to-end runs of the tiny recipe: MLflow contents, teachers, resume, every method and preset."""
+
+import math
+
+import mlflow
+import pytest
+import torch
+
+from kdbench.errors import UserError
+from kdbench.methods import registry
+from kdbench.recipe import load_recipe
+from kdbench.run import run, teacher_cache_path
+
+
+class Kill(Exception):
+    pass
+
+
+def _runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="pandas")
+
+
+def test_run_logs_everything_a_table_needs(workdir):
+    recipe = load_recipe("tiny", method="kd", seed=1)
+    result = run(recipe, quiet=True)
+    assert 0.0 <= result.metrics.miou <= 1.0
+    runs = _runs()
+    teacher = runs[runs["tags.kdbench.role"] == "teacher"]
+    student = runs[runs["tags.kdbench.role"] == "student"].iloc[0]
+    assert len(teacher) == 1 and teacher_cache_path(recipe).is_file()
+    assert student["status"] == "FINISHED" and student["run_id"] == result.run_id
+    for tag, value in {"method": "kd", "preset": "cirkd", "dataset": "synthetic", "seed": "1"}.items():
+        assert student[f"tags.{tag}"] == value
+    assert student["tags.student"] == "deeplabv3plus/resnet10t"
+    assert student["params.method.params.temperature"] == "1.0" and student["params.train.lr"] == "0.01"
+    assert math.isclose(student["metrics.miou"], result.metrics.miou)
+    for key in ("metrics.loss/task", "metrics.loss/kd", "metrics.lr", "metrics.val/miou", "metrics.iou/background"):
+        assert not math.isnan(student[key]), key
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"recipe.yaml", "confusion_matrix.json", "metrics.json"} <= artifacts
+    # the second run reuses the cached teacher instead of training another
+    run(load_recipe("tiny", method="none"), quiet=True)
+    assert (_runs()["tags.kdbench.role"] == "teacher").sum() == 1
+
+
+def test_resume_equals_uninterrupted(workdir):
+    sets = ["train.iterations=6", "train.checkpoint_interval=2", "train.eval_interval=3"]
+    full = run(load_recipe("tiny", sets + ["output_dir=full"]), quiet=True)
+
+    recipe = load_recipe("tiny", sets + ["output_dir=killed"])
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run(recipe, quiet=True, after_step=kill_at_5)
+    ckpt = torch.load(workdir / "killed" / f"kd-{recipe.hash()}" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4  # the last checkpoint before the kill
+    assert mlflow.get_run(ckpt["mlflow_run_id"]).info.status == "FAILED"
+    resumed = run(recipe, quiet=True, resume=True)
+    assert resumed.run_id == ckpt["mlflow_run_id"]  # the same MLflow run continues
+    assert resumed.metrics == full.metrics
+    a = torch.load(full.checkpoint, weights_only=True)["student"]
+    b = torch.load(resumed.checkpoint, weights_only=True)["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert mlflow.get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_teacher_checkpoint_that_does_not_fit(workdir):
+    recipe = load_recipe("tiny")
+    run(recipe, quiet=True)
+    good = teacher_cache_path(recipe)
+    wrong_arch = load_recipe("tiny", [f"teacher.checkpoint={good}", "teacher.backbone=resnet18"])
+    with pytest.raises(UserError, match="teacher.checkpoint: .* has backbone='resnet10t' but the recipe wants 'resnet18'"):
+        run(wrong_arch, quiet=True)
+    state = torch.load(good, weights_only=True)["model"]
+    torch.save(state, workdir / "raw.pt")  # a bare state_dict from elsewhere, with a different width
+    wrong_width = load_recipe("tiny", [f"teacher.checkpoint={workdir / 'raw.pt'}", "teacher.aspp_channels=8"])
+    with pytest.raises(UserError, match="does not fit teacher"):
+        run(wrong_width, quiet=True)
+
+
+ALL = [(name, preset) for name, cls in registry().items() for preset in ["default", *cls.presets]]
+
+
+@pytest.mark.parametrize("name, preset", ALL, ids=[f"{n}-{p}" for n, p in ALL])
+def test_every_method_and_preset_runs(workdir, name, preset):
+    recipe = load_recipe("tiny", ["train.iterations=2", "train.eval_interval=0"], method=name, preset=preset)
+    result = run(recipe, quiet=True)
+    assert 0.0 <= result.metrics.miou <= 1.0
+    row = _runs().query("`tags.kdbench.role` == 'student'").iloc[0]
+    assert row["tags.preset"] == preset and row["status"] == "FINISHED"
