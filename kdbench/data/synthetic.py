@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kdbench.errors import UserError
 
 #: Bump when the images change for the same arguments: it is part of the cache folder's name.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES: tuple[str, ...] = (
     "background", "disc", "square", "triangle", "star", "ring", "cross", "line", "window",
@@ -44,12 +44,12 @@ FREE_CLASSES = (DISC, SQUARE, TRIANGLE, STAR, RING, CROSS, LINE)
 HOST_CLASSES = (DISC, SQUARE, TRIANGLE, STAR)
 
 # Sizes are radii in pixels at 64x64 and scale with the image; thin widths do not.
-SMALL_RADIUS = (2.5, 12.0)
+SMALL_RADIUS = (3.5, 12.0)
 LARGE_RADIUS = (12.0, 22.0)
 LARGE_PROBABILITY = 0.3
 WINDOW_RADIUS = (2.0, 4.0)
 WINDOW_PROBABILITY = 0.7
-LOW_CONTRAST_PROBABILITY = 0.25
+LOW_CONTRAST_PROBABILITY = 0.1
 SPLIT_CODES = {"train": 0, "val": 1}
 
 
