@@ -89,11 +89,13 @@ def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int,
 
 
 def make_optimizer(student: nn.Module, method: Method | None, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD; the backbone at ``lr``, the head and the method's own learnable parts at lr * head_lr_mult."""
+    """The backbone at ``lr``; the head and the method's own learnable parts at lr * head_lr_mult."""
     backbone, head = student.param_groups()
     extra = method.student_parameters() if method is not None else []
     groups = [{"params": backbone, "lr": lr}, {"params": head + extra, "lr": lr * cfg.head_lr_mult}]
     groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 

@@ -3,9 +3,23 @@
 import pytest
 
 
+def _isolate(mp: pytest.MonkeyPatch, path) -> None:
+    mp.chdir(path)
+    mp.setenv("KDBENCH_CACHE", str(path / "cache"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _isolate(monkeypatch, tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def shared_workdir(tmp_path_factory):
+    """One store and one cached teacher for a module's many short runs (the MLflow schema set-up
+    and the teacher are the slow part of a tiny run)."""
+    path = tmp_path_factory.mktemp("shared")
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, path)
+        yield path

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kdbench.errors import UserError
 
 #: Bump when the images change for the same arguments: it is part of the cache folder's name.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 CLASS_NAMES: tuple[str, ...] = (
     "background", "disc", "square", "triangle", "star", "ring", "cross", "line", "window",
@@ -44,12 +44,14 @@ FREE_CLASSES = (DISC, SQUARE, TRIANGLE, STAR, RING, CROSS, LINE)
 HOST_CLASSES = (DISC, SQUARE, TRIANGLE, STAR)
 
 # Sizes are radii in pixels at 64x64 and scale with the image; thin widths do not.
-SMALL_RADIUS = (3.5, 12.0)
+SMALL_RADIUS = (5.0, 14.0)
 LARGE_RADIUS = (12.0, 22.0)
-LARGE_PROBABILITY = 0.3
+LARGE_PROBABILITY = 0.4
 WINDOW_RADIUS = (2.0, 4.0)
 WINDOW_PROBABILITY = 0.7
-LOW_CONTRAST_PROBABILITY = 0.1
+LOW_CONTRAST_PROBABILITY = 0.05
+MIN_CONTRAST = 70.0
+BACKGROUND_CONTRAST = 0.5
 SPLIT_CODES = {"train": 0, "val": 1}
 
 
@@ -87,6 +89,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
             period = rng.uniform(4, 16) * size / 64
             t = 0.5 + 0.5 * np.sin(2 * math.pi * t * size / period + rng.uniform(0, 2 * math.pi))
         bg = c0 + (c1 - c0) * t[..., None]
+    bg = 128 + BACKGROUND_CONTRAST * (bg - 128)  # textured, but quieter than the objects on it
     return bg + rng.normal(0, rng.uniform(2, 12), (size, size, 3)).astype(np.float32)
 
 
@@ -135,6 +138,9 @@ def _paint(
         colour = np.clip(under + rng.normal(0, 25, 3), 0, 255)
     else:
         colour = rng.uniform(0, 255, 3)
+        under = image[ys, xs].mean(axis=0)
+        if np.abs(colour - under).max() < MIN_CONTRAST:  # visible, whatever its colour
+            colour = np.where(under > 128, under - MIN_CONTRAST, under + MIN_CONTRAST)
     gx, gy = rng.normal(0, 30, 2) / image.shape[0]
     shade = gx * (grid[1][ys, xs] - xs.mean()) + gy * (grid[0][ys, xs] - ys.mean())
     noise = rng.normal(0, rng.uniform(2, 10), (len(ys), 3))
@@ -164,7 +170,7 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     grid = np.mgrid[0:size, 0:size].astype(np.float32)
     image = _background(rng, size)
     label = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(2, 7))):
         cls = int(rng.choice(FREE_CLASSES))
         large = rng.random() < LARGE_PROBABILITY
         low, high = LARGE_RADIUS if large else SMALL_RADIUS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import timm
@@ -9,35 +10,55 @@ import torch
 
 from kdbench.errors import UserError
 from kdbench.models.cbam import CBAM
-from kdbench.models.deeplab import SegmentationModel
+from kdbench.models.deeplab import TAPS, SegmentationModel
 
 FEATURE_NAMES = ("low", "backbone", "encoder", "decoder", "logits")
 ARCHS = ("deeplabv3plus", "deeplabv3")
 
 
-def _load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
-    """timm's features_only loading is non-strict (a mismatch only warns): check every key here."""
-    p = Path(path).expanduser()
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"pretrained: weights file {path} not found (give a backbone state_dict .pth/.safetensors, or true for timm's)")
     try:
-        if p.suffix == ".safetensors":
+        if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(p))
+            state = load_file(str(path))
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"pretrained: cannot read weights file {p} ({type(err).__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+        raise UserError(f"pretrained: cannot read weights file {path} ({type(err).__name__}: {_first_line(err)})") from None
+    for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"pretrained: {path} is not a state_dict of tensors")
+    return state
+
+
+def _load_backbone_weights(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """timm's features_only loading is non-strict (a mismatch only warns): check every key here.
+
+    Extra keys (the classifier ``fc.*``, ``conv_head``) are fine; BatchNorm's ``num_batches_tracked``
+    may be absent (many published checkpoints drop it). Anything else missing or mis-shaped is an error.
+    """
+    p = Path(path).expanduser()
+    state = _read_state_dict(p)
     ref = backbone.state_dict()
-    missing = [k for k in ref if k not in state]
+    missing = [k for k in ref if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
     if missing or wrong:
+        detail = f"missing {missing[:3]}" if missing else ""
+        detail += ("; " if missing and wrong else "") + (f"mis-shaped {wrong[:3]}" if wrong else "")
         raise UserError(
-            f"pretrained: {p} does not fit the backbone ({len(missing)} missing, {len(wrong)} mis-shaped keys, "
-            f"e.g. {(missing or wrong)[:3]})"
+            f"pretrained: {p} does not fit the backbone ({len(missing)} missing, {len(wrong)} mis-shaped keys: {detail})"
         )
-    backbone.load_state_dict({k: state[k] for k in ref})
+    backbone.load_state_dict({k: state[k] for k in ref if k in state}, strict=False)
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def create_model(
@@ -46,31 +67,47 @@ def create_model(
     num_classes: int,
     *,
     output_stride: int = 16,
-    pretrained: bool | str = False,
+    pretrained: bool | str | os.PathLike[str] = False,
     aspp_channels: int = 256,
     decoder_channels: int = 256,
     low_channels: int = 48,
     attention_taps: tuple[str, ...] = (),
 ) -> SegmentationModel:
-    """A segmentation model whose forward returns ``out`` plus the named features FEATURE_NAMES."""
+    """DeepLabV3+ (AttnFD's setting) or DeepLabV3 (CIRKD's) on a timm ``features_only`` backbone.
+
+    forward(x) returns one dict: ``out`` (logits at the input size) plus FEATURE_NAMES.
+    ``pretrained``: False (random init), True (timm's weights, needs network) or a local backbone
+    state_dict file (.pth / .safetensors), checked key by key.
+    """
     if arch not in ARCHS:
         raise UserError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if output_stride not in (8, 16):
         raise UserError(f"output_stride: must be 8 or 16, got {output_stride}")
+    bad = [t for t in attention_taps if t not in TAPS]
+    if bad:
+        raise UserError(f"attention_taps: unknown taps {bad}; use a subset of {', '.join(TAPS)}")
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise UserError(f"pretrained: expected true, false or a weights file path, got {pretrained!r}")
     if not timm.is_model(backbone):
         raise UserError(f"backbone: timm has no model {backbone!r} (see timm.list_models('resnet*'))")
     try:
         net = timm.create_model(backbone, features_only=True, output_stride=output_stride, pretrained=pretrained is True)
     except Exception as err:
-        raise UserError(f"backbone: timm cannot build {backbone!r} with features_only, output_stride={output_stride} ({err})") from None
+        why = "building it or fetching its pretrained weights (needs network; or give a local file)" if pretrained is True else "building it"
+        raise UserError(
+            f"backbone: timm failed {why} for {backbone!r} with features_only, output_stride={output_stride}: {_first_line(err)}"
+        ) from None
+    # Taps by reduction, not index: families differ in level count (ConvNeXt has 4). With
+    # output_stride 8 the later reductions are reported capped (8, 8, 8), so only 4 is unambiguous.
     reductions = net.feature_info.reduction()
     if 4 not in reductions:
         raise UserError(f"backbone: {backbone!r} has no stage at stride 4 for the low-level feature (strides: {reductions})")
-    if isinstance(pretrained, str):
+    low_index = len(reductions) - 1 - reductions[::-1].index(4)  # the deepest stride-4 stage
+    if not isinstance(pretrained, bool):
         _load_backbone_weights(net, pretrained)
     return SegmentationModel(
         net,
-        reductions.index(4),
+        low_index,
         num_classes,
         output_stride,
         plus=arch == "deeplabv3plus",
@@ -81,4 +118,4 @@ def create_model(
     )
 
 
-__all__ = ["CBAM", "FEATURE_NAMES", "SegmentationModel", "create_model"]
+__all__ = ["ARCHS", "CBAM", "FEATURE_NAMES", "SegmentationModel", "create_model"]

@@ -18,11 +18,14 @@ TAPS = ("backbone", "encoder", "decoder")
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    """Bias-free conv (BN follows), "same" padding for 1x1 and (dilated) 3x3."""
     pad = 0 if kernel == 1 else dilation
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ASPPPooling(nn.Module):
+    """Image-level context: global average, 1x1 conv-BN-ReLU, broadcast back to the input size."""
+
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.conv = conv_bn_relu(cin, cout)
@@ -43,6 +46,16 @@ class ASPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([b(x) for b in self.convs], dim=1))
+
+
+def _init_head(module: nn.Module) -> None:
+    """The reference's head init (DeepLabV3Plus-Pytorch ``_init_weight``): He-normal convs, BN = identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class SegmentationModel(nn.Module):
@@ -69,6 +82,7 @@ class SegmentationModel(nn.Module):
         self.backbone = backbone
         self.low_index = low_index
         self.plus = plus
+        self.arch = "deeplabv3plus" if plus else "deeplabv3"
         self.num_classes = num_classes
         low_c, high_c = info.channels()[low_index], info.channels()[-1]
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
@@ -86,9 +100,16 @@ class SegmentationModel(nn.Module):
             "decoder": decoder_channels,
             "logits": num_classes,
         }
-        self.attention = nn.ModuleDict({t: CBAM(self.feature_channels[t]) for t in attention_taps})
+        self.output_stride = output_stride
+        self.attention_taps = tuple(attention_taps)
+        for head in (self.aspp, self.decoder, self.classifier, getattr(self, "project", None)):
+            if head is not None:
+                _init_head(head)
+        # created after the head init: CBAM keeps PyTorch's default init, like the paper's code
+        self.attention = nn.ModuleDict({t: CBAM(self.feature_channels[t]) for t in self.attention_taps})
 
     def _tap(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The refined map flows onward, so a teacher's CBAMs are trained by its own task loss."""
         return self.attention[name](x) if name in self.attention else x
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

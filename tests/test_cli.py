@@ -1,0 +1,44 @@
+"""The command line: a real run of the tiny recipe, and bad input as one line with exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def kdbench(*args, cwd):
+    env = {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_run_of_the_tiny_recipe(tmp_path):
+    r = kdbench("run", "--recipe", "tiny", "--method", "kd", "--set", "method.temperature=2", "--seed", "3", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "kd (cirkd) seed 3: mIoU" in r.stdout
+    assert (tmp_path / "mlflow.db").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--recipe", "tiny", "--set", "train.lr=fast"], "error: train.lr: expected float, got 'fast'"),
+        (["run", "--recipe", "tiny", "--method", "magic"], "error: method: unknown method 'magic'"),
+        (["run", "--recipe", "nosuch"], "error: --recipe: no recipe named 'nosuch'"),
+        (["teacher", "--recipe", "tiny", "--set", "teacher.checkpoint=/no/t.pt"], "error: teacher.checkpoint: no checkpoint file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    r = kdbench(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_help_and_methods(tmp_path):
+    r = kdbench("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "run" in r.stdout and "methods" in r.stdout
+    r = kdbench("methods", cwd=tmp_path)
+    assert r.returncode == 0
+    for name in ("none", "kd", "cwd", "skd", "ifvd", "attnfd"):
+        assert f"{name}:" in r.stdout
+    assert "presets: default, cirkd" in r.stdout
