@@ -83,6 +83,37 @@ def teacher(
 
 
 @app.command()
+def bench(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Only these methods (repeatable); default: all.")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per method/preset (the median is reported).")] = 10,
+    quiet: QuietOpt = False,
+) -> None:
+    """Time one training step of every method and preset against the floor (teacher forward +
+    plain student step) and against KD, on the recipe's models and data."""
+    from kdbench.bench import benchmark
+    from kdbench.recipe import load_recipe
+
+    r = load_recipe(recipe, list(set_ or []))
+    timings = benchmark(r, method, steps=steps, quiet=quiet)
+    floor = timings[0].ms_per_step
+    kd = next((t.ms_per_step for t in timings if t.method == "kd" and t.preset == "default"), None)
+    table = Table(title=f"ms per training step, batch {r.train.batch_size}, crop {list(r.train.crop_size)}, {torch_threads()} threads")
+    for col in ("method", "preset", "ms/step", "x floor", "x kd"):
+        table.add_column(col, justify="right" if col.startswith(("ms", "x")) else "left")
+    for t in timings:
+        table.add_row(t.method, t.preset, f"{t.ms_per_step:.0f}", f"{t.ms_per_step / floor:.2f}", f"{t.ms_per_step / kd:.2f}" if kd else "")
+    out.print(table)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@app.command()
 def methods() -> None:
     """List the distillation methods with their presets and hyper-parameters (defaults, search ranges)."""
     from kdbench.methods import registry

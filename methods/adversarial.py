@@ -133,6 +133,18 @@ class Discriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # configuration, the module that owns D, and a Method base that wires it to the engine
 
+#: CIRKD's adversarial term: SAGAN discriminator, hinge loss, student-side weight 0.001,
+#: discriminator-side weight 0.1, Adam lr 4e-4 betas (0.9, 0.99), constant lr
+CIRKD_ADVERSARIAL = {
+    "adv_weight": 0.001,
+    "adv_d_weight": 0.1,
+    "adv_loss": "hinge",
+    "adv_optimizer": "adam",
+    "adv_lr": 4e-4,
+    "adv_betas": (0.9, 0.99),
+    "adv_lr_power": 0.0,
+}
+
 
 @dataclass
 class AdversarialConfig:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adversarial import AdversarialConfig, AdversarialMethod, match_size
+from .adversarial import CIRKD_ADVERSARIAL, AdversarialConfig, AdversarialMethod, match_size
 from .base import hparam
 from .kd import kd_loss
 
@@ -79,17 +79,6 @@ class CWDConfig(AdversarialConfig):
             raise ValueError("cwd: temperatures must be > 0")
 
 
-_CIRKD_ADV = {
-    "adv_weight": 0.001,
-    "adv_d_weight": 0.1,
-    "adv_loss": "hinge",
-    "adv_optimizer": "adam",
-    "adv_lr": 4e-4,
-    "adv_betas": (0.9, 0.99),
-    "adv_lr_power": 0.0,
-}
-
-
 class CWD(AdversarialMethod):
     """Channel-wise distillation: per-channel spatial distributions matched with KL."""
 
@@ -106,7 +95,7 @@ class CWD(AdversarialMethod):
             "feature": "decoder",
             "kd_weight": 1.0,
             "kd_temperature": 1.0,
-            **_CIRKD_ADV,
+            **CIRKD_ADVERSARIAL,
         },
         "mmrazor": {"weight": 5.0, "temperature": 1.0},
     }

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .adversarial import AdversarialConfig, AdversarialMethod, match_size
+from .adversarial import CIRKD_ADVERSARIAL, AdversarialConfig, AdversarialMethod, match_size
 from .base import hparam
 from .kd import downsample_labels, kd_loss
 
@@ -122,13 +122,7 @@ class IFVD(AdversarialMethod):
             "kd_weight": 1.0,
             "kd_temperature": 1.0,
             "kd_reduction": "pixel",
-            "adv_weight": 0.001,
-            "adv_d_weight": 0.1,
-            "adv_loss": "hinge",
-            "adv_optimizer": "adam",
-            "adv_lr": 4e-4,
-            "adv_betas": (0.9, 0.99),
-            "adv_lr_power": 0.0,
+            **CIRKD_ADVERSARIAL,
         },
         "paper": {
             "weight": 200.0,

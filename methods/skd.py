@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .adversarial import AdversarialConfig, AdversarialMethod, match_size
+from .adversarial import CIRKD_ADVERSARIAL, AdversarialConfig, AdversarialMethod, match_size
 from .base import hparam
 from .kd import kd_loss
 
@@ -134,13 +134,7 @@ class SKD(AdversarialMethod):
             "pool_kernel": 2,
             "pool_scale": 0.0,
             "detach_norm": False,
-            "adv_weight": 0.001,
-            "adv_d_weight": 0.1,
-            "adv_loss": "hinge",
-            "adv_optimizer": "adam",
-            "adv_lr": 4e-4,
-            "adv_betas": (0.9, 0.99),
-            "adv_lr_power": 0.0,
+            **CIRKD_ADVERSARIAL,
         },
         "paper": {
             "pixel_weight": 10.0,

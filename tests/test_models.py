@@ -13,6 +13,16 @@ from kdbench.models.cbam import channel_descriptors, spatial_descriptor
 SMALL = dict(aspp_channels=16, decoder_channels=16, low_channels=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP's spin-waiting on a busy 2-core machine
+    makes a 3 ms forward take seconds (unless OMP_WAIT_POLICY=passive is set before torch loads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv2_050"])
 @pytest.mark.parametrize("arch", ["deeplabv3plus", "deeplabv3"])
 @pytest.mark.parametrize("os_", [8, 16])

@@ -1,0 +1,81 @@
+"""Speed of one distillation step per method and preset, against the floor and against KD.
+
+The floor is what any distillation step must pay: a teacher forward plus a plain student step.
+Timing calls ``engine.train_step`` itself on real batches of the recipe's data, so what is measured
+is what training runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kdbench.engine import TrainState, make_optimizer, poly_schedule, train_batches, train_step
+from kdbench.methods import FeatureSpec, build_method, registry, resolve_config
+from kdbench.progress import make_progress
+from kdbench.recipe import Recipe
+from kdbench.run import build_model, ensure_teacher, load_splits
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    method: str
+    preset: str
+    ms_per_step: float
+
+
+def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, preset: str | None, steps: int, warmup: int) -> float:
+    """Median milliseconds of ``steps`` training steps after ``warmup`` steps."""
+    torch.manual_seed(recipe.seed)
+    student = build_model(recipe.student, splits.num_classes)
+    method = None
+    if method_name is not None:
+        s_spec = FeatureSpec(dict(student.feature_channels), splits.num_classes, tuple(recipe.student.attention_taps))
+        t_spec = FeatureSpec(dict(teacher.feature_channels), splits.num_classes, tuple(recipe.teacher.attention_taps))
+        _, cfg = resolve_config(method_name, preset, {})
+        method = build_method(method_name, cfg, s_spec, t_spec)
+    optimizer = make_optimizer(student, method, recipe.train, recipe.train.lr)
+    total = warmup + steps
+    state = TrainState(student, method, teacher, optimizer, poly_schedule(optimizer, total, 0.9), total)
+    batches = [b for b in train_batches(splits.train, recipe.train.batch_size, recipe.seed, 0, total, 0)]
+    times = []
+    for i, (images, target) in enumerate(batches):
+        start = time.perf_counter()
+        train_step(state, images, target)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def benchmark(recipe: Recipe, methods: list[str] | None = None, steps: int = 10, warmup: int = 2, quiet: bool = False) -> list[StepTiming]:
+    """Floor first (teacher forward + plain student step), then every preset of every method.
+
+    Presets that need a different teacher (AttnFD ``paper``: CBAMs inside the teacher) are timed
+    with the recipe's teacher plus those CBAMs, untrained: the cost is the same."""
+    splits = load_splits(recipe, progress=not quiet)
+    teacher, _ = ensure_teacher(recipe, splits, quiet)
+    plan = [("floor", None, None)]
+    for name, cls in registry().items():
+        if methods and name not in methods:
+            continue
+        plan += [(name, name, p) for p in ["default", *cls.presets]]
+    out = []
+    with make_progress(enabled=not quiet, transient=True) as bar:
+        task = bar.add_task("timing", total=len(plan))
+        for label, name, preset in plan:
+            t = teacher
+            if name is not None:
+                _, cfg = resolve_config(name, preset, {})
+                needs = registry()[name].teacher_requirements(cfg)
+                if needs:
+                    t = build_model(recipe.teacher.__class__(**{**recipe.teacher.__dict__, **needs}), splits.num_classes)
+                    t.load_state_dict(teacher.state_dict(), strict=False)
+                    t.eval().requires_grad_(False)
+            if name is not None and not registry()[name].needs_teacher:
+                t = None
+            ms = time_steps(recipe, splits, teacher if name is None else t, name, preset, steps, warmup)
+            out.append(StepTiming(label, preset or "-", ms))
+            bar.advance(task)
+    return out

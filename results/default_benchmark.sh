@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# How results/default_benchmark.md was made: the README's `kdbench run` on the embedded default
+# benchmark, seed 0, one run per method (default preset) and a small alpha sweep of AttnFD's
+# teacher_attention x normalize variants. Runs go to ./mlflow.db; then
+#   python results/summarize.py > results/default_benchmark.md
+set -euo pipefail
+run() { kdbench run --quiet --seed 0 "$@"; }
+run --method none
+run --method kd
+for m in cwd skd ifvd attnfd; do run --method "$m"; done
+for variant in "free batch" "free channel" "pretrained batch" "random batch"; do
+  set -- $variant
+  for alpha in 1 4; do
+    run --method attnfd --set method.teacher_attention="$1" --set method.normalize="$2" --set method.alpha="$alpha"
+  done
+done
