@@ -102,16 +102,18 @@ def load_teacher(recipe: Recipe, path: Path, num_classes: int) -> tuple[torch.nn
         if key in meta and meta[key] != expected[key]:
             raise UserError(f"teacher.checkpoint: {path} has {key}={meta[key]!r} but the recipe wants {expected[key]!r}")
     model = build_model(recipe.teacher, num_classes)
-    result = model.load_state_dict(state, strict=False)
     ref = model.state_dict()
-    wrong = [k for k, v in state.items() if k in ref and tuple(v.shape) != tuple(ref[k].shape)]
-    if result.missing_keys or result.unexpected_keys or wrong:
-        first = (result.missing_keys or result.unexpected_keys or wrong)[:3]
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or wrong:
+        first = (wrong or missing or unexpected)[:3]
         raise UserError(
             f"teacher.checkpoint: {path} does not fit teacher {recipe.teacher.arch}/{recipe.teacher.backbone} with "
-            f"{num_classes} classes ({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
+            f"{num_classes} classes ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(wrong)} mis-shaped keys, e.g. {first})"
         )
+    model.load_state_dict(state)
     model.eval().requires_grad_(False)
     return model, meta
 

@@ -18,7 +18,7 @@ ARCHS = ("deeplabv3plus", "deeplabv3")
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise UserError(f"pretrained: weights file {path} not found (give a backbone state_dict .pth/.safetensors, or true for timm's)")
+        raise UserError(f"pretrained: weights file {path} not found (a backbone state_dict .pth/.safetensors, or true)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -93,9 +93,9 @@ def create_model(
     try:
         net = timm.create_model(backbone, features_only=True, output_stride=output_stride, pretrained=pretrained is True)
     except Exception as err:
-        why = "building it or fetching its pretrained weights (needs network; or give a local file)" if pretrained is True else "building it"
+        why = "building it or fetching its weights (needs network; or give a local file)" if pretrained is True else "building it"
         raise UserError(
-            f"backbone: timm failed {why} for {backbone!r} with features_only, output_stride={output_stride}: {_first_line(err)}"
+            f"backbone: timm failed {why}: {backbone!r}, features_only, output_stride={output_stride}: {_first_line(err)}"
         ) from None
     # Taps by reduction, not index: families differ in level count (ConvNeXt has 4). With
     # output_stride 8 the later reductions are reported capped (8, 8, 8), so only 4 is unambiguous.

@@ -20,7 +20,8 @@ TAPS = ("backbone", "encoder", "decoder")
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
     """Bias-free conv (BN follows), "same" padding for 1x1 and (dilated) 3x3."""
     pad = 0 if kernel == 1 else dilation
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ASPPPooling(nn.Module):
