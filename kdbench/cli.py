@@ -141,9 +141,6 @@ def methods() -> None:
 
 
 def main() -> None:
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter
     try:
         app(standalone_mode=False)
     except UserError as err:

@@ -9,7 +9,8 @@ import pandas as pd
 mlflow.set_tracking_uri(mlflow.get_tracking_uri())
 runs = mlflow.search_runs(experiment_names=["kdbench-default"], filter_string="attributes.status = 'FINISHED'")
 students = runs[runs["tags.kdbench.role"] == "student"].copy()
-students["seconds"] = (students["end_time"] - students["start_time"]).dt.total_seconds()
+for col in ("teacher_attention", "normalize", "alpha"):  # absent until an AttnFD run exists
+    students[f"params.method.params.{col}"] = students.get(f"params.method.params.{col}")
 students["variant"] = students["params.method.params.teacher_attention"].fillna("") + "/" + students["params.method.params.normalize"].fillna("")
 students["alpha"] = pd.to_numeric(students["params.method.params.alpha"], errors="coerce")
 
@@ -18,15 +19,15 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-print("| model | method (preset) | mIoU | pixel acc | wall time |")
-print("| --- | --- | --- | --- | --- |")
+print("| model | method (preset) | mIoU | pixel acc |")
+print("| --- | --- | --- | --- |")
 with_teacher = students[students["tags.teacher.miou"] != "nan"]
 if len(with_teacher):  # every distillation run records the mIoU of its (cached) teacher
     t = with_teacher.iloc[0]
-    print(f"| teacher {t['tags.teacher']} | - (trained once, cached) | {pct(float(t['tags.teacher.miou']))} | | |")
+    print(f"| teacher {t['tags.teacher']} | - (trained once, cached) | {pct(float(t['tags.teacher.miou']))} | |")
 defaults = students[(students["variant"].isin(["/", "free/batch"])) & (students["alpha"].isna() | (students["alpha"] == 2.0))]
-for _, r in defaults.drop_duplicates("tags.method", keep="last").sort_values("metrics.miou").iterrows():
-    print(f"| student {r['tags.student']} | {r['tags.method']} ({r['tags.preset']}) | {pct(r['metrics.miou'])} | {pct(r['metrics.pixel_acc'])} | {r['seconds']:.0f} s |")
+for _, r in defaults.drop_duplicates("tags.method", keep="last").sort_values("metrics.miou", ascending=False).iterrows():
+    print(f"| student {r['tags.student']} | {r['tags.method']} ({r['tags.preset']}) | {pct(r['metrics.miou'])} | {pct(r['metrics.pixel_acc'])} |")
 
 print()
 print("| AttnFD teacher_attention / normalize | alpha: mIoU | best |")
