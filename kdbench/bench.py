@@ -32,8 +32,8 @@ def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, preset:
     student = build_model(recipe.student, splits.num_classes)
     method = None
     if method_name is not None:
-        s_spec = FeatureSpec(dict(student.feature_channels), splits.num_classes, tuple(recipe.student.attention_taps))
-        t_spec = FeatureSpec(dict(teacher.feature_channels), splits.num_classes, tuple(recipe.teacher.attention_taps))
+        s_spec = FeatureSpec.of(student, splits.num_classes)
+        t_spec = FeatureSpec.of(teacher, splits.num_classes)
         _, cfg = resolve_config(method_name, preset, {})
         method = build_method(method_name, cfg, s_spec, t_spec)
     optimizer = make_optimizer(student, method, recipe.train, recipe.train.lr)

@@ -184,12 +184,8 @@ def run(
     teacher, teacher_meta = ensure_teacher(recipe, splits, quiet) if needs_teacher else (None, {})
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, splits.num_classes)
-    s_spec = FeatureSpec(dict(student.feature_channels), splits.num_classes, tuple(recipe.student.attention_taps))
-    t_spec = (
-        FeatureSpec(dict(teacher.feature_channels), splits.num_classes, tuple(recipe.teacher.attention_taps))
-        if teacher is not None
-        else s_spec
-    )
+    s_spec = FeatureSpec.of(student, splits.num_classes)
+    t_spec = FeatureSpec.of(teacher, splits.num_classes) if teacher is not None else s_spec
     _, cfg = resolve_config(m.name, m.preset, m.params)
     method = build_method(m.name, cfg, s_spec, t_spec)
     tags = {"kdbench.role": "student", "teacher.miou": f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}

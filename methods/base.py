@@ -42,6 +42,11 @@ class FeatureSpec:
     #: taps refined by a CBAM inside the model's own forward pass
     attention_taps: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, model: nn.Module, num_classes: int) -> FeatureSpec:
+        """The spec of a built kdbench model (anything with ``feature_channels`` and ``attention_taps``)."""
+        return cls(dict(model.feature_channels), num_classes, tuple(model.attention_taps))
+
 
 @dataclass
 class NoConfig:
