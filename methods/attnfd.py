@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.models.cbam import CBAM
+from kdbench.models.cbam import CBAM, channel_descriptors, spatial_descriptor
 
 from .base import Method, hparam
 
@@ -51,9 +51,11 @@ LAYERS = ("backbone", "encoder", "decoder")
 
 
 def free_attention(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free CBAM: x * sigmoid(avg + max over space) * sigmoid(max + mean over channels)."""
-    x = x * torch.sigmoid(x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
-    return x * torch.sigmoid(x.amax(dim=1, keepdim=True) + x.mean(dim=1, keepdim=True))
+    """Parameter-free CBAM on CBAM's own pooling: channel gate sigmoid(avg + max over space), then
+    spatial gate sigmoid(max + mean over channels) on the channel-refined map."""
+    avg, mx = channel_descriptors(x)
+    x = x * torch.sigmoid(avg + mx)
+    return x * torch.sigmoid(spatial_descriptor(x).sum(dim=1, keepdim=True))
 
 
 def batch_normalized_distance(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,6 @@ class AttnFD(Method):
             fs = student[layer].detach() if self._warming_up else student[layer]
             fs = self.connectors[layer](self.student_cbam[layer](fs))
             with torch.no_grad():
-                ft = self.refine_teacher(layer, teacher[layer])
+                ft = self.refine_teacher(layer, teacher[layer].detach())  # detached even if refined by nothing
             total = total + attnfd_distance(fs, ft, c.normalize, c.squared)
         return {"attnfd": c.alpha * total}

@@ -22,6 +22,7 @@ from kdbench.methods.base import FeatureSpec
 from kdbench.methods.cwd import CWD, cwd_loss
 from kdbench.methods.ifvd import IFVD, ifv_loss
 from kdbench.methods.skd import SKD, pairwise_loss, soft_cross_entropy
+from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet
 
 LN3 = math.log(3)
 KL_75_25 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # KL((.75, .25) || (.5, .5))
@@ -243,32 +244,6 @@ def test_discriminator_scores_any_map(size):
 
 # ---------------------------------------------------------------------------------------------
 # every method and preset through the Method contract
-
-NUM_CLASSES = 5
-S_CH = {"low": 4, "backbone": 16, "encoder": 12, "decoder": 8}
-T_CH = {"low": 6, "backbone": 32, "encoder": 20, "decoder": 12}
-
-
-class FakeSegNet(nn.Module):
-    """A tiny model with the shared output names; ``stride`` sets the logits' output stride."""
-
-    def __init__(self, channels: dict[str, int], stride: int = 2) -> None:
-        super().__init__()
-        self.low = nn.Conv2d(3, channels["low"], 3, stride, 1)
-        self.backbone = nn.Conv2d(channels["low"], channels["backbone"], 3, 1, 1)
-        self.encoder = nn.Conv2d(channels["backbone"], channels["encoder"], 1)
-        self.decoder = nn.Conv2d(channels["encoder"], channels["decoder"], 3, 1, 1)
-        self.classifier = nn.Conv2d(channels["decoder"], NUM_CLASSES, 1)
-
-    def forward(self, x):
-        low = self.low(x).relu()
-        backbone = self.backbone(low).relu()
-        encoder = self.encoder(backbone).relu()
-        decoder = self.decoder(encoder).relu()
-        logits = self.classifier(decoder)
-        out = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {"out": out, "logits": logits, "low": low, "backbone": backbone, "encoder": encoder, "decoder": decoder}
-
 
 def specs(s_ch=S_CH, t_ch=T_CH):
     return FeatureSpec(dict(s_ch), NUM_CLASSES), FeatureSpec(dict(t_ch), NUM_CLASSES)
