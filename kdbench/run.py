@@ -159,6 +159,7 @@ def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = Fa
     )
     meta = {**_model_meta(t, splits.num_classes), "miou": result.metrics.miou, "mlflow_run_id": result.run_id}
     save_atomic({"model": model.state_dict(), "meta": meta}, path)
+    (path.parent / "last.pt").unlink(missing_ok=True)  # the resume point is of no use once cached
     return result
 
 
