@@ -10,7 +10,7 @@ run --method kd
 for m in cwd skd ifvd attnfd; do run --method "$m"; done
 for variant in "free batch" "free channel" "pretrained batch" "random batch"; do
   set -- $variant
-  for alpha in 1 2 4; do
+  for alpha in 2 4; do
     [ "$1/$2/$alpha" = free/batch/2 ] && continue  # the default attnfd run above
     run --method attnfd --set method.teacher_attention="$1" --set method.normalize="$2" --set method.alpha="$alpha"
   done
