@@ -81,7 +81,7 @@ def attnfd_distance(fs: torch.Tensor, ft: torch.Tensor, normalize: str = "batch"
 
 @dataclass
 class AttnFDConfig:
-    alpha: float = hparam(2.0, "weight of the summed layer distances", low=0.1, high=20.0, log=True)
+    alpha: float = hparam(2.0, "weight of the summed layer distances (channel normalisation: ~100x smaller)", low=0.001, high=20.0, log=True)
     layers: list[str] = hparam(list(LAYERS), "distilled taps: any of backbone, encoder, decoder")
     teacher_attention: Literal["free", "pretrained", "random"] = hparam(
         "free", "teacher-side refinement", choices=("free", "pretrained", "random")

@@ -34,7 +34,7 @@ print("| model | method (preset) | mIoU | delta | pixel acc |")
 print("| --- | --- | --- | --- | --- |")
 for _, t in teachers.iterrows():
     taps = t["params.teacher.attention_taps"]
-    cbam = "" if taps in ("[]", "()", None) else f", CBAMs at {taps.strip('[]()').replace(chr(39), '')}"
+    cbam = "" if taps in ("[]", "()", None) else f", CBAMs at {taps.strip('[]()').replace(chr(39), '').replace(chr(34), '')}"
     print(f"| teacher {t['tags.student']}{cbam} | - | {pct(t['metrics.miou'])} | {delta(t['metrics.miou'])} | {pct(t['metrics.pixel_acc'])} |")
 defaults = students[students["variant"].isin(["/", "free/batch"]) & (students["alpha"].isna() | (students["alpha"] == 2.0))]
 for _, r in defaults.drop_duplicates("tags.method", keep="last").sort_values("metrics.miou", ascending=False).iterrows():
