@@ -33,7 +33,7 @@ def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, preset:
     method = None
     if method_name is not None:
         s_spec = FeatureSpec.of(student, splits.num_classes)
-        t_spec = FeatureSpec.of(teacher, splits.num_classes)
+        t_spec = FeatureSpec.of(teacher, splits.num_classes) if teacher is not None else s_spec
         _, cfg = resolve_config(method_name, preset, {})
         method = build_method(method_name, cfg, s_spec, t_spec)
     optimizer = make_optimizer(student, method, recipe.train, recipe.train.lr)

@@ -45,8 +45,8 @@ def test_help_and_methods(tmp_path):
 
 
 def test_bench_times_methods_against_floor_and_kd(tmp_path):
-    r = kdbench("bench", "--recipe", "tiny", "--steps", "1", "-m", "kd", "-m", "attnfd", "--quiet", cwd=tmp_path)
+    r = kdbench("bench", "--recipe", "tiny", "--steps", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for row in ("floor", "kd", "attnfd"):
+    for row in ("floor", "none", "kd", "attnfd"):
         assert row in r.stdout
     assert "paper" in r.stdout  # AttnFD's paper preset is timed with a CBAM teacher
