@@ -4,6 +4,8 @@ A stop-gap until `kdbench table` exists: it reads MLflow only, never the engine.
 runs were made (MLflow's default store is ./mlflow.db) or with MLFLOW_TRACKING_URI set.
 """
 
+import json
+
 import mlflow
 import pandas as pd
 
@@ -33,8 +35,8 @@ print()
 print("| model | method (preset) | mIoU | delta | pixel acc |")
 print("| --- | --- | --- | --- | --- |")
 for _, t in teachers.iterrows():
-    taps = t["params.teacher.attention_taps"]
-    cbam = "" if taps in ("[]", "()", None) else f", CBAMs at {taps.strip('[]()').replace(chr(39), '').replace(chr(34), '')}"
+    taps = json.loads(t["params.teacher.attention_taps"])  # kdbench logs list params as JSON
+    cbam = f", CBAMs at {', '.join(taps)}" if taps else ""
     print(f"| teacher {t['tags.student']}{cbam} | - | {pct(t['metrics.miou'])} | {delta(t['metrics.miou'])} | {pct(t['metrics.pixel_acc'])} |")
 defaults = students[students["variant"].isin(["/", "free/batch"]) & (students["alpha"].isna() | (students["alpha"] == 2.0))]
 for _, r in defaults.drop_duplicates("tags.method", keep="last").sort_values("metrics.miou", ascending=False).iterrows():
