@@ -18,16 +18,11 @@ from kdbench.methods.attnfd import (
     channel_normalized_distance,
     free_attention,
 )
-from kdbench.methods.base import FeatureSpec
-from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet
+from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet, build, t64
 
 
 def sig(v: float) -> float:
     return 1 / (1 + math.exp(-v))
-
-
-def t64(values, shape):
-    return torch.tensor(values, dtype=torch.float64).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,11 +79,6 @@ def test_student_map_is_resized_to_the_teachers(normalize):
 # the method
 
 
-def build(preset: str = "default", teacher_taps: tuple[str, ...] = (), **overrides) -> AttnFD:
-    cfg = AttnFD.Config(**{**AttnFD.presets.get(preset, {}), **overrides})
-    return AttnFD(cfg, FeatureSpec(dict(S_CH), NUM_CLASSES), FeatureSpec(dict(T_CH), NUM_CLASSES, teacher_taps))
-
-
 def features(batch=2, s_size=(8, 8), t_size=(8, 8)):
     """Student and teacher features as leaves, so a gradient reaching either would show."""
     torch.manual_seed(1)
@@ -103,7 +93,7 @@ VARIANTS = [(a, n) for a in ("free", "pretrained", "random") for n in ("batch", 
 @pytest.mark.parametrize("attention,normalize", VARIANTS)
 @pytest.mark.parametrize("batch,s_size", [(2, (8, 8)), (1, (4, 4))], ids=["b2-same-size", "b1-student-os16"])
 def test_gradients_reach_student_and_its_attention_never_the_teacher(attention, normalize, batch, s_size):
-    method = build(teacher_attention=attention, normalize=normalize, teacher_taps=LAYERS).train()
+    method = build(AttnFD, teacher_attention=attention, normalize=normalize, teacher_taps=LAYERS).train()
     student, teacher = features(batch, s_size)
     terms = method(student, teacher, torch.zeros(batch, 16, 16, dtype=torch.long))
     assert set(terms) == {"attnfd"} and terms["attnfd"].dim() == 0 and torch.isfinite(terms["attnfd"])
@@ -128,11 +118,11 @@ def test_gradients_reach_student_and_its_attention_never_the_teacher(attention, 
 def test_total_is_alpha_times_the_sum_over_layers():
     student, teacher = features()
     torch.manual_seed(0)
-    full = build(alpha=3.0)
+    full = build(AttnFD, alpha=3.0)
     total = full(student, teacher, None)["attnfd"].item()
     parts = 0.0
     for layer in LAYERS:
-        one = build(alpha=1.0, layers=[layer])
+        one = build(AttnFD, alpha=1.0, layers=[layer])
         one.load_state_dict(full.state_dict(), strict=False)  # the same CBAM and connector weights
         parts += one(student, teacher, None)["attnfd"].item()
     assert total == pytest.approx(3.0 * parts, rel=1e-5)
@@ -140,19 +130,19 @@ def test_total_is_alpha_times_the_sum_over_layers():
 
 def test_pretrained_needs_a_teacher_with_its_own_cbams():
     with pytest.raises(ValueError, match="attention_taps"):
-        build(teacher_attention="pretrained", teacher_taps=("backbone",))
+        build(AttnFD, teacher_attention="pretrained", teacher_taps=("backbone",))
     assert AttnFD.teacher_requirements(AttnFD.Config(teacher_attention="pretrained", layers=["encoder"])) == {
         "attention_taps": ("encoder",)
     }
     assert AttnFD.teacher_requirements(AttnFD.Config()) == {}
     # the teacher's features are distilled as they are: its CBAMs already refined them
-    method = build(teacher_attention="pretrained", teacher_taps=LAYERS)
+    method = build(AttnFD, teacher_attention="pretrained", teacher_taps=LAYERS)
     x = torch.randn(1, 4, 2, 2)
     assert torch.equal(method.refine_teacher("backbone", x), x)
 
 
 def test_random_teacher_cbams_stay_frozen_in_eval_mode():
-    method = build(teacher_attention="random").train()
+    method = build(AttnFD, teacher_attention="random").train()
     assert not any(m.training for m in method.teacher_cbam.modules())
     bn = method.teacher_cbam["decoder"].spatial_gate.bn
     before = bn.running_mean.clone()
@@ -162,7 +152,7 @@ def test_random_teacher_cbams_stay_frozen_in_eval_mode():
 
 
 def test_code_preset_warms_connectors_up_then_freezes_them():
-    method = build("code").train()
+    method = build(AttnFD, "code").train()
     assert method.cfg.teacher_attention == "random" and method.cfg.normalize == "batch"
     gates = {id(p) for c in method.student_cbam.values() for p in c.channel_gate.parameters()}
     assert gates and gates.isdisjoint(map(id, method.student_parameters()))  # never updated
@@ -184,7 +174,7 @@ def test_engine_step_with_the_code_preset():
     torch.manual_seed(0)
     student, teacher = FakeSegNet(S_CH), FakeSegNet(T_CH)
     teacher.eval().requires_grad_(False)
-    method = build("code")
+    method = build(AttnFD, "code")
     optimizer = torch.optim.SGD(list(student.parameters()) + method.student_parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     state = TrainState(student, method, teacher, optimizer, scheduler, total_steps=3, steps_per_epoch=1)

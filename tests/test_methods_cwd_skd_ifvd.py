@@ -18,18 +18,13 @@ from kdbench.methods.adversarial import (
     hinge_d_loss,
     wgan_d_loss,
 )
-from kdbench.methods.base import FeatureSpec
 from kdbench.methods.cwd import CWD, cwd_loss
 from kdbench.methods.ifvd import IFVD, ifv_loss
 from kdbench.methods.skd import SKD, pairwise_loss, soft_cross_entropy
-from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet
+from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet, build, specs, t64
 
 LN3 = math.log(3)
 KL_75_25 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # KL((.75, .25) || (.5, .5))
-
-
-def t64(values, shape):
-    return torch.tensor(values, dtype=torch.float64).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +239,6 @@ def test_discriminator_scores_any_map(size):
 
 # ---------------------------------------------------------------------------------------------
 # every method and preset through the Method contract
-
-def specs(s_ch=S_CH, t_ch=T_CH):
-    return FeatureSpec(dict(s_ch), NUM_CLASSES), FeatureSpec(dict(t_ch), NUM_CLASSES)
-
-
-def build(cls, preset, **overrides):
-    cfg = cls.Config(**{**cls.presets.get(preset, {}), **overrides})
-    return cls(cfg, *specs())
-
 
 CASES = [(cls, p) for cls in (CWD, SKD, IFVD) for p in ("default", *cls.presets)]
 EXPECTED_TERMS = {
