@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kdbench.engine import TrainState, make_optimizer, poly_schedule, train_batches, train_step
-from kdbench.methods import FeatureSpec, build_method, registry, resolve_config
+from kdbench.methods import registry, resolve_config
 from kdbench.progress import make_progress
 from kdbench.recipe import Recipe
-from kdbench.run import build_model, ensure_teacher, load_splits
+from kdbench.run import build_model, ensure_teacher, load_splits, method_for
 
 
 @dataclass(frozen=True)
@@ -26,16 +27,19 @@ class StepTiming:
     ms_per_step: float
 
 
-def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, preset: str | None, steps: int, warmup: int) -> float:
+def method_config(recipe: Recipe, name: str, preset: str | None) -> Any:
+    """The options ``kdbench run --method NAME --preset PRESET`` resolves on this recipe."""
+    settings = {k: v for k, v in recipe.methods.get(name, {}).items() if k != "preset"}
+    return resolve_config(name, preset, settings, where=f"methods.{name}")[1]
+
+
+def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, cfg: Any, steps: int, warmup: int) -> float:
     """Median milliseconds of ``steps`` training steps after ``warmup`` steps."""
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, splits.num_classes)
     method = None
     if method_name is not None:
-        s_spec = FeatureSpec.of(student, splits.num_classes)
-        t_spec = FeatureSpec.of(teacher, splits.num_classes) if teacher is not None else s_spec
-        _, cfg = resolve_config(method_name, preset, {})
-        method = build_method(method_name, cfg, s_spec, t_spec)
+        method = method_for(method_name, cfg, student, teacher, splits.num_classes)
     optimizer = make_optimizer(student, method, recipe.train, recipe.train.lr)
     total = warmup + steps
     state = TrainState(student, method, teacher, optimizer, poly_schedule(optimizer, total, 0.9), total)
@@ -65,9 +69,9 @@ def benchmark(recipe: Recipe, methods: list[str] | None = None, steps: int = 10,
     with make_progress(enabled=not quiet, transient=True) as bar:
         task = bar.add_task("timing", total=len(plan))
         for label, name, preset in plan:
-            t = teacher
+            t, cfg = teacher, None
             if name is not None:
-                _, cfg = resolve_config(name, preset, {})
+                cfg = method_config(recipe, name, preset)
                 needs = registry()[name].teacher_requirements(cfg)
                 if needs:
                     t = build_model(recipe.teacher.__class__(**{**recipe.teacher.__dict__, **needs}), splits.num_classes)
@@ -75,7 +79,7 @@ def benchmark(recipe: Recipe, methods: list[str] | None = None, steps: int = 10,
                     t.eval().requires_grad_(False)
             if name is not None and not registry()[name].needs_teacher:
                 t = None
-            ms = time_steps(recipe, splits, teacher if name is None else t, name, preset, steps, warmup)
+            ms = time_steps(recipe, splits, t, name, cfg, steps, warmup)
             out.append(StepTiming(label, preset or "-", ms))
             bar.advance(task)
     return out

@@ -130,6 +130,9 @@ class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    #: this benchmark's settings for particular methods ({method: {hyper-parameter: value}}), used
+    #: whenever that method runs: over its preset, under the method section's own keys and --set
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -292,12 +295,17 @@ def load_recipe(
         raw["seed"] = seed
     for text in overrides:
         _apply(raw, *parse_override(text))
+    section = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    per_method = raw.get("methods") if isinstance(raw.get("methods"), dict) else {}
+    benchmark_settings = per_method.get(section.get("name", MethodConfig.name))
+    if isinstance(benchmark_settings, dict):
+        raw["method"] = {**benchmark_settings, **section}
     return validate(_build(Recipe, raw, ""))
 
 
 def validate(recipe: Recipe) -> Recipe:
     """Impossible values and missing files; also resolves the method section against its class."""
-    from kdbench.methods import get_method_class, resolve_config
+    from kdbench.methods import get_method_class, registry, resolve_config
 
     t, d = recipe.train, recipe.data
     positive = {
@@ -348,6 +356,13 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"teacher.checkpoint: no checkpoint file {ckpt} (leave it empty to train one)")
     if d.root and not Path(d.root).expanduser().is_dir():
         raise UserError(f"data.root: no folder {d.root}")
+    for name, settings in recipe.methods.items():
+        if name not in registry():
+            raise UserError(f"methods.{name}: unknown method; choose one of {', '.join(registry())}")
+        if not isinstance(settings, dict):
+            raise UserError(f"methods.{name}: expected a mapping of hyper-parameters, got {settings!r}")
+        settings = dict(settings)
+        resolve_config(name, settings.pop("preset", None), settings, where=f"methods.{name}")
     preset, cfg = resolve_config(recipe.method.name, recipe.method.preset, recipe.method.params)
     # the resolved method (preset + every option) is part of the recipe, so it is logged and hashed
     resolved = MethodConfig(name=recipe.method.name, preset=preset, params=_plain(dataclasses.asdict(cfg)))

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import tempfile
 import time
 import traceback
@@ -21,10 +19,10 @@ import torch
 from rich.console import Console
 
 from kdbench.checkpoint import load, save_atomic
-from kdbench.data import Splits, build_splits
+from kdbench.data import Splits, build_splits, default_cache_dir
 from kdbench.engine import LoopHooks, TrainState, evaluate, load_state, make_optimizer, poly_schedule, run_loop
 from kdbench.errors import UserError
-from kdbench.methods import FeatureSpec, build_method, get_method_class, resolve_config
+from kdbench.methods import FeatureSpec, Method, build_method, get_method_class, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import create_model
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
@@ -43,7 +41,14 @@ class RunResult:
 
 
 def cache_dir(recipe: Recipe) -> Path:
-    return Path(recipe.cache_dir or os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench").expanduser()
+    return Path(recipe.cache_dir).expanduser() if recipe.cache_dir else default_cache_dir()
+
+
+def method_for(name: str, cfg: Any, student: torch.nn.Module, teacher: torch.nn.Module | None, num_classes: int) -> Method:
+    """The method built for this pair; a method without a teacher sees the student's features twice."""
+    s_spec = FeatureSpec.of(student, num_classes)
+    t_spec = FeatureSpec.of(teacher, num_classes) if teacher is not None else s_spec
+    return build_method(name, cfg, s_spec, t_spec)
 
 
 def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
@@ -185,10 +190,8 @@ def run(
     teacher, teacher_meta = ensure_teacher(recipe, splits, quiet) if needs_teacher else (None, {})
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, splits.num_classes)
-    s_spec = FeatureSpec.of(student, splits.num_classes)
-    t_spec = FeatureSpec.of(teacher, splits.num_classes) if teacher is not None else s_spec
     _, cfg = resolve_config(m.name, m.preset, m.params)
-    method = build_method(m.name, cfg, s_spec, t_spec)
+    method = method_for(m.name, cfg, student, teacher, splits.num_classes)
     tags = {"kdbench.role": "student", "teacher.miou": f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}
     return _train(
         recipe,

@@ -67,25 +67,27 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def resolve_config(name: str, preset: str | None, overrides: dict[str, Any]) -> tuple[str, Any]:
-    """Config defaults <- preset <- recipe overrides, validated. Returns (preset, Config instance)."""
+def resolve_config(name: str, preset: str | None, overrides: dict[str, Any], where: str = "method") -> tuple[str, Any]:
+    """Config defaults <- preset <- recipe overrides, validated. Returns (preset, Config instance).
+
+    ``where`` is the recipe section the values came from, for error messages."""
     cls = get_method_class(name)
     preset = preset or cls.default_preset
     presets = {"default": {}, **cls.presets}
     if preset not in presets:
-        raise UserError(f"method.preset: method {name!r} has no preset {preset!r}; choose one of {', '.join(presets)}")
+        raise UserError(f"{where}.preset: method {name!r} has no preset {preset!r}; choose one of {', '.join(presets)}")
     hints = typing.get_type_hints(cls.Config)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     values: dict[str, Any] = {}
     for key, value in {**presets[preset], **overrides}.items():
         if key not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise UserError(f"method.{key}: unknown hyper-parameter of {name!r} (it has: {known})")
-        values[key] = _coerce(value, hints[key], f"method.{key}")
+            raise UserError(f"{where}.{key}: unknown hyper-parameter of {name!r} (it has: {known})")
+        values[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         cfg = cls.Config(**values)
     except ValueError as err:  # a Config's __post_init__ rejecting an impossible value
-        raise UserError(f"method: {err}") from None
+        raise UserError(f"{where}: {err}") from None
     return preset, cfg
 
 

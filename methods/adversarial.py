@@ -25,7 +25,7 @@ Deliberate differences from the original code:
 - The stride-2 convolutions pad one pixel top/left and two bottom/right, so an odd-sized map keeps
   its last row/column and a tiny map never shrinks to nothing (the original needs logits of at
   least 16 x 16 to survive four strides and 64 x 64 for the final 4x4 convolution; kdbench's
-  embedded benchmark has 12 x 12 logits). For even sizes the windows are exactly the original ones.
+  embedded benchmark has 8 x 8 logits). For even sizes the windows are exactly the original ones.
   A map smaller than 4 x 4 before the final convolution is zero-padded to 4 x 4. With CIRKD's
   512 x 512 crops (64 x 64 logits) D gives one score per image, as there.
 - The leaky-ReLU slope is 0.1 as in both codes (the usual SAGAN value is 0.2).

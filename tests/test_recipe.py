@@ -40,6 +40,19 @@ def test_switching_method_drops_the_other_methods_hyperparameters():
     assert r.method.params["temperature"] == 4.0 and r.seed == 3
 
 
+def test_a_benchmarks_per_method_settings_apply_to_that_method_only():
+    settings = ["methods.skd.adv_width=8", "methods.skd.pair_weight=3"]
+    r = load_recipe("tiny", settings, method="skd", preset="paper")
+    # over the preset (paper sets pair_weight 0.5), and logged with the run
+    assert r.method.params["adv_width"] == 8 and r.method.params["pair_weight"] == 3.0
+    assert r.method.params["adv_loss"] == "wgan-gp" and r.methods == {"skd": {"adv_width": 8, "pair_weight": 3}}
+    # --set on the method section wins over the benchmark's setting
+    assert load_recipe("tiny", [*settings, "method.adv_width=4"], method="skd").method.params["adv_width"] == 4
+    assert "adv_width" not in load_recipe("tiny", settings, method="kd").method.params
+    # the shipped default benchmark halves CIRKD's discriminator for its 8x8 logits
+    assert load_recipe(method="ifvd").method.params["adv_width"] == 32
+
+
 def test_hash_depends_on_values_and_teacher_key_ignores_student():
     a, b = load_recipe("tiny"), load_recipe("tiny", ["train.lr=0.5"])
     assert a.hash() != b.hash()
@@ -66,6 +79,10 @@ def test_hash_depends_on_values_and_teacher_key_ignores_student():
         (["method.temperature=hot"], r"^method.temperature: expected float"),
         (["student.attention_taps=[low]"], r"^student.attention_taps: unknown taps"),
         (["train=3"], r"^train: expected a section"),
+        (["methods.magic.x=1"], r"^methods.magic: unknown method; choose one of"),
+        (["methods.skd.tau=3"], r"^methods.skd.tau: unknown hyper-parameter of 'skd'"),
+        (["methods.skd.adv_width=wide"], r"^methods.skd.adv_width: expected int"),
+        (["methods.kd=3"], r"^methods.kd: expected a mapping"),
         (["train.lr"], r"expected KEY=VALUE"),
     ],
 )
