@@ -114,9 +114,13 @@ def torch_threads() -> int:
 
 
 @app.command()
-def methods() -> None:
-    """List the distillation methods with their presets and hyper-parameters (defaults, search ranges)."""
+def methods(recipe: RecipeOpt = None) -> None:
+    """List the distillation methods with their presets and hyper-parameters (defaults, search ranges),
+    and the settings the recipe's `methods:` section adds for each."""
     from kdbench.methods import registry
+    from kdbench.recipe import load_recipe
+
+    r = load_recipe(recipe)
 
     for name, cls in registry().items():
         table = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}", title_justify="left", expand=False)
@@ -136,6 +140,9 @@ def methods() -> None:
             table.add_row(f.name, str(default), rng, meta.get("help", ""))
         presets = ", ".join(["default", *cls.presets]) if cls.presets else "default"
         table.caption = f"presets: {presets} (default preset: {cls.default_preset})"
+        if r.methods.get(name):
+            settings = ", ".join(f"{k}={v}" for k, v in r.methods[name].items())
+            table.caption += f"\nrecipe {r.benchmark!r} sets: {settings}"
         table.caption_justify = "left"
         out.print(table)
 

@@ -18,3 +18,7 @@ done
 # channel normalisation sums per-pixel distances over the batch: at alpha 2 its loss starts near 120
 # where the batch normalisation's starts near 0.7, so it also gets an alpha that matches that scale
 run --method attnfd --set method.teacher_attention=free --set method.normalize=channel --set method.alpha=0.01
+# the costliest presets, for their wall time against kd's (`kdbench bench` times every preset's step)
+run --method cwd --preset cirkd
+run --method skd --preset paper
+run --method ifvd --preset paper

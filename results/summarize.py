@@ -29,20 +29,28 @@ def delta(x: float) -> str:
     return f"{100 * (x - base):+.2f}"
 
 
+def wall(run: pd.Series) -> str:
+    """Seconds from the MLflow run's start to its end: the whole run, evaluation included."""
+    return f"{(run['end_time'] - run['start_time']).total_seconds():.0f} s"
+
+
 seeds = sorted(set(runs["tags.seed"]))
-print(f"Seed {', '.join(seeds)}; mIoU and pixel accuracy (%) on the 200 validation images; delta to the plain student.")
+print(f"Seed {', '.join(seeds)}; mIoU and pixel accuracy (%) on the 200 validation images; delta to the plain student; wall time of the whole run.")
 print()
-print("| model | method (preset) | mIoU | delta | pixel acc |")
-print("| --- | --- | --- | --- | --- |")
+print("| model | method (preset) | mIoU | delta | pixel acc | wall time |")
+print("| --- | --- | --- | --- | --- | --- |")
 for _, t in teachers.iterrows():
     taps = json.loads(t["params.teacher.attention_taps"])  # kdbench logs list params as JSON
     cbam = f", CBAMs at {', '.join(taps)}" if taps else ""
-    print(f"| teacher {t['tags.student']}{cbam} | - | {pct(t['metrics.miou'])} | {delta(t['metrics.miou'])} | {pct(t['metrics.pixel_acc'])} |")
+    print(
+        f"| teacher {t['tags.student']}{cbam} | - | {pct(t['metrics.miou'])} | {delta(t['metrics.miou'])} "
+        f"| {pct(t['metrics.pixel_acc'])} | {wall(t)} |"
+    )
 defaults = students[students["variant"].isin(["/", "free/batch"]) & (students["alpha"].isna() | (students["alpha"] == 2.0))]
-for _, r in defaults.drop_duplicates("tags.method", keep="last").sort_values("metrics.miou", ascending=False).iterrows():
+for _, r in defaults.drop_duplicates(["tags.method", "tags.preset"], keep="last").sort_values("metrics.miou", ascending=False).iterrows():
     print(
         f"| student {r['tags.student']} | {r['tags.method']} ({r['tags.preset']}) | {pct(r['metrics.miou'])} "
-        f"| {delta(r['metrics.miou'])} | {pct(r['metrics.pixel_acc'])} |"
+        f"| {delta(r['metrics.miou'])} | {pct(r['metrics.pixel_acc'])} | {wall(r)} |"
     )
 
 print()

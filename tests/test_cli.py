@@ -42,6 +42,8 @@ def test_help_and_methods(tmp_path):
     for name in ("none", "kd", "cwd", "skd", "ifvd", "attnfd"):
         assert f"{name}:" in r.stdout
     assert "presets: default, cirkd" in r.stdout
+    assert "recipe 'default' sets: adv_width=32" in r.stdout  # the default benchmark's methods: section
+    assert "recipe 'tiny' sets" not in kdbench("methods", "--recipe", "tiny", cwd=tmp_path).stdout
 
 
 def test_bench_times_methods_against_floor_and_kd(tmp_path):
