@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from kdbench.checkpoint import load, save_atomic
-from kdbench.data import Splits, build_splits, default_cache_dir
+from kdbench.data import Splits, build_splits, resolve_cache_dir
 from kdbench.engine import LoopHooks, TrainState, evaluate, load_state, make_optimizer, poly_schedule, run_loop
 from kdbench.errors import UserError
 from kdbench.methods import FeatureSpec, Method, build_method, get_method_class, resolve_config
@@ -41,7 +41,7 @@ class RunResult:
 
 
 def cache_dir(recipe: Recipe) -> Path:
-    return Path(recipe.cache_dir).expanduser() if recipe.cache_dir else default_cache_dir()
+    return resolve_cache_dir(recipe.cache_dir)
 
 
 def method_for(name: str, cfg: Any, student: torch.nn.Module, teacher: torch.nn.Module | None, num_classes: int) -> Method:

@@ -38,8 +38,10 @@ class Splits:
     class_names: list[str]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench").expanduser()
+def resolve_cache_dir(configured: str | Path | None = None) -> Path:
+    """Where generated data and trained teachers go: the configured folder, else $KDBENCH_CACHE,
+    else ~/.cache/kdbench."""
+    return Path(configured or os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench").expanduser()
 
 
 def _resolve_root(dataset: str, root: str | None) -> str:
@@ -57,8 +59,7 @@ def _synthetic_root(synthetic: dict[str, Any] | None, cache_dir: str | Path | No
     params = dict(synthetic or {})
     if set(params) != expected:
         raise UserError(f"data.synthetic: expected the keys {sorted(expected)}, got {sorted(params)}")
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return ensure_synthetic(cache, **params, progress=progress)
+    return ensure_synthetic(resolve_cache_dir(cache_dir), **params, progress=progress)
 
 
 def build_splits(
