@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from kdbench.engine import TrainState, make_optimizer, poly_schedule, train_batches, train_step
-from kdbench.methods import registry, resolve_config
+from kdbench.methods import registry
 from kdbench.progress import make_progress
-from kdbench.recipe import Recipe
+from kdbench.recipe import Recipe, per_method_config
 from kdbench.run import build_model, ensure_teacher, load_splits, method_for
 
 
@@ -25,12 +25,6 @@ class StepTiming:
     method: str
     preset: str
     ms_per_step: float
-
-
-def method_config(recipe: Recipe, name: str, preset: str | None) -> Any:
-    """The options ``kdbench run --method NAME --preset PRESET`` resolves on this recipe."""
-    settings = {k: v for k, v in recipe.methods.get(name, {}).items() if k != "preset"}
-    return resolve_config(name, preset, settings, where=f"methods.{name}")[1]
 
 
 def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, cfg: Any, steps: int, warmup: int) -> float:
@@ -71,7 +65,7 @@ def benchmark(recipe: Recipe, methods: list[str] | None = None, steps: int = 10,
         for label, name, preset in plan:
             t, cfg = teacher, None
             if name is not None:
-                cfg = method_config(recipe, name, preset)
+                cfg = per_method_config(recipe, name, preset)
                 needs = registry()[name].teacher_requirements(cfg)
                 if needs:
                     t = build_model(recipe.teacher.__class__(**{**recipe.teacher.__dict__, **needs}), splits.num_classes)

@@ -361,8 +361,7 @@ def validate(recipe: Recipe) -> Recipe:
             raise UserError(f"methods.{name}: unknown method; choose one of {', '.join(registry())}")
         if not isinstance(settings, dict):
             raise UserError(f"methods.{name}: expected a mapping of hyper-parameters, got {settings!r}")
-        settings = dict(settings)
-        resolve_config(name, settings.pop("preset", None), settings, where=f"methods.{name}")
+        per_method_config(recipe, name)
     preset, cfg = resolve_config(recipe.method.name, recipe.method.preset, recipe.method.params)
     # the resolved method (preset + every option) is part of the recipe, so it is logged and hashed
     resolved = MethodConfig(name=recipe.method.name, preset=preset, params=_plain(dataclasses.asdict(cfg)))
@@ -372,6 +371,16 @@ def validate(recipe: Recipe) -> Recipe:
         wanted = ", ".join(f"teacher.{k}={v}" for k, v in needs.items())
         raise UserError(f"teacher.checkpoint: method {recipe.method.name!r} as configured needs a teacher trained with {wanted}")
     return dataclasses.replace(recipe, method=resolved, teacher=teacher)
+
+
+def per_method_config(recipe: Recipe, name: str, preset: str | None = None) -> Any:
+    """The options method ``name`` gets from the recipe's ``methods:`` section, at ``preset`` (default:
+    the section's own preset, else the method's); what ``kdbench run --method NAME`` starts from."""
+    from kdbench.methods import resolve_config
+
+    settings = dict(recipe.methods.get(name, {}))
+    own = settings.pop("preset", None)
+    return resolve_config(name, preset or own, settings, where=f"methods.{name}")[1]
 
 
 def teacher_key(recipe: Recipe) -> str:
