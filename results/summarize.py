@@ -15,7 +15,8 @@ for col in ("teacher_attention", "normalize", "alpha"):  # absent until an AttnF
 runs["variant"] = runs["params.method.params.teacher_attention"].fillna("") + "/" + runs["params.method.params.normalize"].fillna("")
 runs["alpha"] = pd.to_numeric(runs["params.method.params.alpha"], errors="coerce")
 runs = runs.sort_values("start_time")
-students = runs[runs["tags.kdbench.role"] == "student"]
+all_students = runs[runs["tags.kdbench.role"] == "student"]
+students = all_students[all_students["tags.seed"] == "0"]  # the main tables are one seed; the spread table below has the rest
 teachers = runs[runs["tags.kdbench.role"] == "teacher"]
 plain = students[students["tags.method"] == "none"]
 base = plain["metrics.miou"].iloc[-1] if len(plain) else float("nan")
@@ -34,8 +35,7 @@ def wall(run: pd.Series) -> str:
     return f"{(run['end_time'] - run['start_time']).total_seconds():.0f} s"
 
 
-seeds = sorted(set(runs["tags.seed"]))
-print(f"Seed {', '.join(seeds)}; mIoU and pixel accuracy (%) on the 200 validation images; delta to the plain student; wall time of the whole run.")
+print(f"Seed 0; mIoU and pixel accuracy (%) on the 200 validation images; delta to the plain student; wall time of the whole run.")
 print()
 print("| model | method (preset) | mIoU | delta | pixel acc | wall time |")
 print("| --- | --- | --- | --- | --- | --- |")
@@ -46,7 +46,13 @@ for _, t in teachers.iterrows():
         f"| teacher {t['tags.student']}{cbam} | - | {pct(t['metrics.miou'])} | {delta(t['metrics.miou'])} "
         f"| {pct(t['metrics.pixel_acc'])} | {wall(t)} |"
     )
-defaults = students[students["variant"].isin(["/", "free/batch"]) & (students["alpha"].isna() | (students["alpha"] == 2.0))]
+
+def is_default(frame: pd.DataFrame) -> pd.Series:
+    """Runs with the method's default options (AttnFD's free/batch at alpha 2), whatever the preset."""
+    return frame["variant"].isin(["/", "free/batch"]) & (frame["alpha"].isna() | (frame["alpha"] == 2.0))
+
+
+defaults = students[is_default(students)]
 for _, r in defaults.drop_duplicates(["tags.method", "tags.preset"], keep="last").sort_values("metrics.miou", ascending=False).iterrows():
     print(
         f"| student {r['tags.student']} | {r['tags.method']} ({r['tags.preset']}) | {pct(r['metrics.miou'])} "
@@ -61,3 +67,21 @@ for variant, group in attn.groupby("variant"):
     cells = ", ".join(f"{a:g}: {pct(m)}" for a, m in sorted(zip(group["alpha"], group["metrics.miou"])))
     best = group.loc[group["metrics.miou"].idxmax()]
     print(f"| {variant.replace('/', ' / ')} | {cells} | {pct(best['metrics.miou'])} (alpha {best['alpha']:g}) | {delta(best['metrics.miou'])} |")
+
+# Seed spread: every (method, preset) run at more than one seed (made by seed_spread.sh).
+spread = all_students[is_default(all_students)].drop_duplicates(["tags.method", "tags.preset", "tags.seed"], keep="last")
+spread = spread.assign(seed=spread["tags.seed"].astype(int), miou=100 * spread["metrics.miou"])
+table = spread.pivot_table(index=["tags.method", "tags.preset"], columns="seed", values="miou")
+table = table[table.notna().sum(axis=1) > 1]
+if len(table):
+    base_mean = table.loc["none"].mean(axis=1).iloc[0] if "none" in table.index.get_level_values(0) else float("nan")
+    mean, std = table.mean(axis=1), table.std(axis=1)  # std over seeds, with n - 1
+    seed_cols = [int(c) for c in table.columns]
+    print()
+    print(f"Seed spread: mIoU (%) of each default run at seeds {', '.join(map(str, seed_cols))}; mean, standard deviation over seeds, delta of the means to the plain student.")
+    print()
+    print(f"| method (preset) | {' | '.join(f'seed {c}' for c in seed_cols)} | mean | std | delta |")
+    print("| --- |" + " --- |" * (len(seed_cols) + 3))
+    for (method, preset), row in table.assign(mean=mean, std=std).sort_values("mean", ascending=False).iterrows():
+        cells = " | ".join(f"{row[c]:.2f}" for c in table.columns)
+        print(f"| {method} ({preset}) | {cells} | {row['mean']:.2f} | {row['std']:.2f} | {row['mean'] - base_mean:+.2f} |")
