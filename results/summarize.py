@@ -35,7 +35,7 @@ def wall(run: pd.Series) -> str:
     return f"{(run['end_time'] - run['start_time']).total_seconds():.0f} s"
 
 
-print(f"Seed 0; mIoU and pixel accuracy (%) on the 200 validation images; delta to the plain student; wall time of the whole run.")
+print("Seed 0; mIoU and pixel accuracy (%) on the 200 validation images; delta to the plain student; wall time of the whole run.")
 print()
 print("| model | method (preset) | mIoU | delta | pixel acc | wall time |")
 print("| --- | --- | --- | --- | --- | --- |")
