@@ -7,6 +7,7 @@ is what training runs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,7 @@ def benchmark(recipe: Recipe, methods: list[str] | None = None, steps: int = 10,
                 cfg = per_method_config(recipe, name, preset)
                 needs = registry()[name].teacher_requirements(cfg)
                 if needs:
-                    t = build_model(recipe.teacher.__class__(**{**recipe.teacher.__dict__, **needs}), splits.num_classes)
+                    t = build_model(dataclasses.replace(recipe.teacher, **needs), splits.num_classes)
                     t.load_state_dict(teacher.state_dict(), strict=False)
                     t.eval().requires_grad_(False)
             if name is not None and not registry()[name].needs_teacher:

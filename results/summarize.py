@@ -47,6 +47,7 @@ for _, t in teachers.iterrows():
         f"| {pct(t['metrics.pixel_acc'])} | {wall(t)} |"
     )
 
+
 def is_default(frame: pd.DataFrame) -> pd.Series:
     """Runs with the method's default options (AttnFD's free/batch at alpha 2), whatever the preset."""
     return frame["variant"].isin(["/", "free/batch"]) & (frame["alpha"].isna() | (frame["alpha"] == 2.0))
