@@ -1,80 +1,213 @@
-"""Speed of one distillation step per method and preset, against the floor and against KD.
+"""Speed of one distillation step per method and preset, against the floor, on the recipe's shapes.
 
 The floor is what any distillation step must pay: a teacher forward plus a plain student step.
-Timing calls ``engine.train_step`` itself on real batches of the recipe's data, so what is measured
-is what training runs.
+Every row times ``engine.train_step`` itself, on states built by ``engine.build_state`` (the path a
+run takes: device, precision, channels-last, compile), with random images and labels of the
+recipe's batch and crop, so no dataset and no trained teacher are needed: a step's cost depends on
+shapes, not on values. Rows are timed in interleaved rounds (every row once per round, the floor
+included), and each row's ratio to the floor is taken within a round, so a machine that slows down
+or speeds up part-way through moves all rows alike. The spread over rounds is reported, and a
+ratio whose spread reaches 1 is flagged as indistinguishable from the floor.
+
+Importing this module needs neither MLflow nor Optuna (a GPU machine may lack them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kdbench.engine import TrainState, make_optimizer, poly_schedule, train_batches, train_step
-from kdbench.methods import registry
+from kdbench.data import class_names, load_splits
+from kdbench.engine import build_state, train_batches, train_step
+from kdbench.errors import UserError
+from kdbench.methods import method_for, registry
+from kdbench.models import build_model
 from kdbench.progress import make_progress
 from kdbench.recipe import Recipe, per_method_config
-from kdbench.run import build_model, ensure_teacher, load_splits, method_for
+from kdbench.runtime import Runtime, make_runtime
 
 
-@dataclass(frozen=True)
-class StepTiming:
+@dataclass
+class Row:
+    """One method and preset: milliseconds per step and ratio to the floor, one value per round."""
+
     method: str
     preset: str
-    ms_per_step: float
+    ms: list[float] = field(default_factory=list)
+    ratio: list[float] = field(default_factory=list)
+    #: peak memory a step allocates beyond what was resident before it (activations, gradients)
+    step_mib: float | None = None
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.ms)
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(self.ratio)
+
+    @property
+    def overlaps_floor(self) -> bool:
+        """The ratio's spread over rounds reaches 1: not distinguishable from the floor."""
+        return self.method != "floor" and min(self.ratio) <= 1.0 <= max(self.ratio)
+
+    def to_dict(self, batch_size: int) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "preset": self.preset,
+            "ms_per_step": {"median": self.median_ms, "min": min(self.ms), "max": max(self.ms), "rounds": self.ms},
+            "x_floor": {"median": self.median_ratio, "min": min(self.ratio), "max": max(self.ratio), "rounds": self.ratio},
+            "overlaps_floor": self.overlaps_floor,
+            "images_per_s": 1000 * batch_size / self.median_ms,
+            "step_mib": self.step_mib,
+        }
 
 
-def time_steps(recipe: Recipe, splits, teacher, method_name: str | None, cfg: Any, steps: int, warmup: int) -> float:
-    """Median milliseconds of ``steps`` training steps after ``warmup`` steps."""
-    torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student, splits.num_classes)
-    method = None
-    if method_name is not None:
-        method = method_for(method_name, cfg, student, teacher, splits.num_classes)
-    optimizer = make_optimizer(student, method, recipe.train, recipe.train.lr)
-    total = warmup + steps
-    state = TrainState(student, method, teacher, optimizer, poly_schedule(optimizer, total, 0.9), total)
-    batches = [b for b in train_batches(splits.train, recipe.train.batch_size, recipe.seed, 0, total, 0)]
-    times = []
-    for i, (images, target) in enumerate(batches):
-        start = time.perf_counter()
-        train_step(state, images, target)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+@dataclass
+class BenchResult:
+    rows: list[Row]
+    setting: dict[str, Any]
+    loader: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        batch = self.setting["batch_size"]
+        return {"setting": self.setting, "rows": [r.to_dict(batch) for r in self.rows], "loader": self.loader}
 
 
-def benchmark(recipe: Recipe, methods: list[str] | None = None, steps: int = 10, warmup: int = 2, quiet: bool = False) -> list[StepTiming]:
-    """Floor first (teacher forward + plain student step), then every preset of every method.
+def plan(recipe: Recipe, methods: list[str] | None) -> list[tuple[str, str | None, str | None]]:
+    """(label, method, preset): the floor, then every preset of every method asked for."""
+    known = registry()
+    for name in methods or []:
+        if name not in known:
+            raise UserError(f"--method: unknown method {name!r}; choose one of {', '.join(known)}")
+    rows: list[tuple[str, str | None, str | None]] = [("floor", None, None)]
+    for name, cls in known.items():
+        if not methods or name in methods:
+            rows += [(name, name, p) for p in ["default", *cls.presets]]
+    return rows
 
-    Presets that need a different teacher (AttnFD ``paper``: CBAMs inside the teacher) are timed
-    with the recipe's teacher plus those CBAMs, untrained: the cost is the same."""
-    splits = load_splits(recipe, progress=not quiet)
-    teacher, _ = ensure_teacher(recipe, splits, quiet)
-    plan = [("floor", None, None)]
-    for name, cls in registry().items():
-        if methods and name not in methods:
-            continue
-        plan += [(name, name, p) for p in ["default", *cls.presets]]
+
+def _random_batches(recipe: Recipe, num_classes: int, count: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Images and labels of the recipe's global batch and crop (5% of pixels ignore-labelled), made
+    on the device, as a step would receive them after the copy."""
+    b, (h, w) = recipe.train.batch_size, recipe.train.crop_size
+    g = torch.Generator().manual_seed(recipe.seed)
     out = []
+    for _ in range(count):
+        images = torch.randn(b, 3, h, w, generator=g)
+        target = torch.randint(0, num_classes, (b, h, w), generator=g)
+        target[torch.rand(b, h, w, generator=g) < 0.05] = 255
+        out.append(rt.to_device(images.pin_memory() if rt.cuda else images, target))
+    return out
+
+
+def _teacher_for(recipe: Recipe, needs: dict[str, Any], num_classes: int, cache: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """A random-init teacher of the recipe (with CBAM taps where a preset needs them); one per variant."""
+    key = repr(sorted(needs.items()))
+    if key not in cache:
+        torch.manual_seed(recipe.teacher.seed)
+        cfg = dataclasses.replace(recipe.teacher, **needs)
+        cache[key] = build_model(cfg, num_classes, pretrained=False).eval().requires_grad_(False)
+    return cache[key]
+
+
+def benchmark(
+    recipe: Recipe,
+    methods: list[str] | None = None,
+    steps: int = 5,
+    rounds: int = 5,
+    warmup: int = 3,
+    loader_batches: int = 20,
+    quiet: bool = False,
+) -> BenchResult:
+    """Time every row for ``steps`` steps per round over ``rounds`` interleaved rounds, after
+    ``warmup`` untimed steps per row (cudnn autotuning, torch.compile, allocator growth)."""
+    rt = make_runtime(recipe.runtime)
+    if rt.distributed:
+        raise UserError("bench: run it as one process (it times one device); torchrun is for `kdbench run`")
+    names = class_names(recipe.data.dataset)
+    k = len(names)
+    rows_plan = plan(recipe, methods)
+    batches = _random_batches(recipe, k, max(steps, warmup, 1), rt)
+    teachers: dict[str, torch.nn.Module] = {}
+    train_cfg = dataclasses.replace(recipe.train, iterations=warmup + rounds * steps + 1)
+    states, rows = [], []
     with make_progress(enabled=not quiet, transient=True) as bar:
-        task = bar.add_task("timing", total=len(plan))
-        for label, name, preset in plan:
-            t, cfg = teacher, None
+        task = bar.add_task("building and warming up", total=len(rows_plan))
+        for label, name, preset in rows_plan:
+            cfg, teacher = None, _teacher_for(recipe, {}, k, teachers)
             if name is not None:
                 cfg = per_method_config(recipe, name, preset)
-                needs = registry()[name].teacher_requirements(cfg)
-                if needs:
-                    t = build_model(dataclasses.replace(recipe.teacher, **needs), splits.num_classes)
-                    t.load_state_dict(teacher.state_dict(), strict=False)
-                    t.eval().requires_grad_(False)
-            if name is not None and not registry()[name].needs_teacher:
-                t = None
-            ms = time_steps(recipe, splits, t, name, cfg, steps, warmup)
-            out.append(StepTiming(label, preset or "-", ms))
+                cls = registry()[name]
+                teacher = _teacher_for(recipe, cls.teacher_requirements(cfg), k, teachers) if cls.needs_teacher else None
+            torch.manual_seed(recipe.seed)
+            student = build_model(recipe.student, k, pretrained=False)
+            method = method_for(name, cfg, student, teacher, k) if name is not None else None
+            state = build_state(student, method, teacher, train_cfg, rt)
+            for i in range(warmup):
+                train_step(state, *batches[i % len(batches)])
+            states.append(state)
+            rows.append(Row(label, preset or "-"))
             bar.advance(task)
-    return out
+        task = bar.add_task("timing", total=rounds * len(rows))
+        for _ in range(rounds):
+            for state, row in zip(states, rows):
+                rt.synchronize()
+                if rt.cuda:
+                    base = torch.cuda.memory_allocated(rt.device)
+                    torch.cuda.reset_peak_memory_stats(rt.device)
+                start = time.perf_counter()
+                for i in range(steps):
+                    train_step(state, *batches[i % len(batches)])
+                rt.synchronize()
+                row.ms.append(1000 * (time.perf_counter() - start) / steps)
+                if rt.cuda:
+                    peak = (torch.cuda.max_memory_allocated(rt.device) - base) / 2**20
+                    row.step_mib = max(row.step_mib or 0.0, peak)
+                bar.advance(task)
+            floor = rows[0].ms[-1]
+            for row in rows:
+                row.ratio.append(row.ms[-1] / floor)
+    setting = {
+        "recipe": recipe.benchmark,
+        "device": rt.describe()["runtime.device"],
+        "precision": rt.precision,
+        "compile": rt.compile,
+        "channels_last": rt.channels_last,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": recipe.train.batch_size,
+        "crop_size": list(recipe.train.crop_size),
+        "teacher": f"{recipe.teacher.arch}/{recipe.teacher.backbone} OS{recipe.teacher.output_stride}",
+        "student": f"{recipe.student.arch}/{recipe.student.backbone} OS{recipe.student.output_stride}",
+        "num_classes": k,
+        "steps": steps,
+        "rounds": rounds,
+        "warmup": warmup,
+    }
+    loader = loader_throughput(recipe, rt, loader_batches, quiet) if loader_batches else {"skipped": "not asked for"}
+    return BenchResult(rows, setting, loader)
+
+
+def loader_throughput(recipe: Recipe, rt: Runtime, batches: int, quiet: bool = True) -> dict[str, Any]:
+    """Images per second the recipe's loader delivers with its workers (after the first batch,
+    which pays for starting them); skipped with the reason when the dataset is not available."""
+    try:
+        splits = load_splits(recipe, progress=not quiet)
+    except UserError as err:
+        return {"skipped": str(err)}
+    workers = rt.loader_workers(recipe.data.workers)
+    loader = train_batches(splits.train, recipe.train.batch_size, recipe.seed, 0, batches + 1, workers, rt)
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    n = 0
+    for images, _ in it:
+        n += images.shape[0]
+    seconds = time.perf_counter() - start
+    return {"workers": workers, "images_per_s": n / seconds, "batches": batches}

@@ -32,6 +32,30 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override any recipe key, e.g. --set train.lr=0.02 --set method.temperature=4 (repeatable)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for scripts and logs).")]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N; same as --set runtime.device=..."),
+]
+PrecisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--precision", help="auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16; losses stay float32. Same as --set runtime.precision=..."),
+]
+CompileOpt = Annotated[
+    Optional[bool],
+    typer.Option("--compile/--no-compile", help="torch.compile student, teacher and method (slow first steps). Same as --set runtime.compile=..."),
+]
+
+
+def runtime_overrides(device: str | None, precision: str | None, compile_: bool | None) -> list[str]:
+    """The runtime flags as --set overrides, so the recipe (and its hash) records them."""
+    out = []
+    if device is not None:
+        out.append(f"runtime.device={device}")
+    if precision is not None:
+        out.append(f"runtime.precision={precision}")
+    if compile_ is not None:
+        out.append(f"runtime.compile={str(compile_).lower()}")
+    return out
 
 
 @app.command()
@@ -42,19 +66,27 @@ def run(
     preset: Annotated[Optional[str], typer.Option("--preset", help="Method preset, same as --set method.preset=NAME.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the student run (data order, init, augmentation).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue this recipe's killed run from its last checkpoint.")] = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    compile_: CompileOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Distil the teacher into the student with one method and log the run to MLflow.
 
     Trains the teacher first if the recipe names no checkpoint and none is cached. Prints the final
     mIoU; everything else (loss terms, lr, throughput, per-class IoU, confusion matrix, the resolved
-    recipe) is in the MLflow run.
+    recipe) is in the MLflow run. On several GPUs: torchrun --nproc_per_node=N -m kdbench run ...
+    (train.batch_size is the global batch).
     """
     from kdbench.recipe import load_recipe
     from kdbench.run import run as run_fn
+    from kdbench.runtime import is_main_process
 
-    r = load_recipe(recipe, list(set_ or []), method=method, preset=preset, seed=seed)
+    overrides = runtime_overrides(device, precision, compile_) + list(set_ or [])
+    r = load_recipe(recipe, overrides, method=method, preset=preset, seed=seed)
     result = run_fn(r, resume=resume, quiet=quiet)
+    if not is_main_process():
+        return
     out.print(
         f"{r.method.name} ({r.method.preset}) seed {r.seed}: mIoU {100 * result.metrics.miou:.2f}  "
         f"pixel acc {100 * result.metrics.pixel_acc:.2f}  [{result.seconds:.0f} s, MLflow run {result.run_id}]"
@@ -65,13 +97,15 @@ def run(
 def teacher(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the recipe's teacher once and cache it (also done automatically by `kdbench run`)."""
     from kdbench.recipe import load_recipe
     from kdbench.run import teacher_cache_path, train_teacher
 
-    r = load_recipe(recipe, overrides=list(set_ or []))
+    r = load_recipe(recipe, overrides=runtime_overrides(device, precision, None) + list(set_ or []))
     if r.teacher.checkpoint:
         raise UserError(f"teacher.checkpoint: this recipe uses the trained teacher {r.teacher.checkpoint}; nothing to train")
     path = teacher_cache_path(r)
@@ -87,30 +121,61 @@ def bench(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Only these methods (repeatable); default: all.")] = None,
-    steps: Annotated[int, typer.Option(help="Timed steps per method/preset (the median is reported).")] = 10,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    compile_: CompileOpt = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per row in each round.")] = 5,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (every row once per round); the spread is over rounds.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per row first (autotuning, compilation).")] = 3,
+    loader_batches: Annotated[int, typer.Option(help="Batches read to time the recipe's data loader (0: skip).")] = 20,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Time one training step of every method and preset against the floor (teacher forward +
-    plain student step) and against KD, on the recipe's models and data."""
+    """Time one training step of every method and preset against the floor (teacher forward + plain
+    student step) on the recipe's models, batch and crop, with random tensors (no dataset needed).
+
+    Rows are interleaved over rounds; ratios to the floor are taken within each round and shown as
+    median [min-max]; '~' marks a ratio whose spread reaches 1. On a GPU the table also shows the
+    extra memory one step allocates. The loader line times the recipe's data with its workers.
+    """
+    import json
+    from pathlib import Path
+
     from kdbench.bench import benchmark
     from kdbench.recipe import load_recipe
 
-    r = load_recipe(recipe, list(set_ or []))
-    timings = benchmark(r, method, steps=steps, quiet=quiet)
-    floor = timings[0].ms_per_step
-    kd = next((t.ms_per_step for t in timings if t.method == "kd" and t.preset == "default"), None)
-    table = Table(title=f"ms per training step, batch {r.train.batch_size}, crop {list(r.train.crop_size)}, {torch_threads()} threads")
-    for col in ("method", "preset", "ms/step", "x floor", "x kd"):
-        table.add_column(col, justify="right" if col.startswith(("ms", "x")) else "left")
-    for t in timings:
-        table.add_row(t.method, t.preset, f"{t.ms_per_step:.0f}", f"{t.ms_per_step / floor:.2f}", f"{t.ms_per_step / kd:.2f}" if kd else "")
-    out.print(table)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    if min(steps, rounds) < 1 or warmup < 0 or loader_batches < 0:
+        raise UserError("bench: --steps and --rounds must be at least 1, --warmup and --loader-batches at least 0")
+    r = load_recipe(recipe, runtime_overrides(device, precision, compile_) + list(set_ or []))
+    result = benchmark(r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, quiet=quiet)
+    st = result.setting
+    table = Table(
+        title=f"ms per training step on {st['device']}, {st['precision']}{', compiled' if st['compile'] else ''}; "
+        f"batch {st['batch_size']}, crop {st['crop_size']}; {st['teacher']} -> {st['student']}; "
+        f"{st['rounds']} rounds x {st['steps']} steps"
+    )
+    for col in ("method", "preset", "ms/step", "min-max", "x floor", "img/s", "step MiB"):
+        table.add_column(col, justify="left" if col in ("method", "preset") else "right")
+    for row in result.rows:
+        ratio = f"{row.median_ratio:.3f} [{min(row.ratio):.3f}-{max(row.ratio):.3f}]" + (" ~" if row.overlaps_floor else "")
+        table.add_row(
+            row.method,
+            row.preset,
+            f"{row.median_ms:.1f}",
+            f"{min(row.ms):.1f}-{max(row.ms):.1f}",
+            ratio,
+            f"{1000 * st['batch_size'] / row.median_ms:.0f}",
+            f"{row.step_mib:.0f}" if row.step_mib is not None else "",
+        )
+    out.print(table, width=max(out.width, 150))
+    ld = result.loader
+    if "images_per_s" in ld:
+        out.print(f"loader: {ld['images_per_s']:.0f} images/s with {ld['workers']} workers ({ld['batches']} batches)")
+    else:
+        out.print(f"loader: not timed ({ld['skipped']})")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.to_dict(), indent=1))
+        out.print(f"JSON: {json_out}")
 
 
 @app.command()
@@ -148,6 +213,15 @@ def methods(recipe: RecipeOpt = None) -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+    finally:
+        from kdbench.runtime import shutdown
+
+        shutdown()
+
+
+def _main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as err:

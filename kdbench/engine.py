@@ -3,7 +3,8 @@
 A step is: teacher forward (eval, no grad; skipped when the method needs no teacher) -> student
 forward -> task loss + the method's named loss terms -> backward -> optimizer and schedule step ->
 the method's own optimizer step (e.g. a discriminator). ``train_step`` can be called alone, so a
-benchmark can time it against the floor.
+benchmark can time it against the floor. Device, precision and processes come from one
+``kdbench.runtime.Runtime`` held by the ``TrainState``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kdbench.checkpoint import save_atomic
+from kdbench.errors import UserError
 from kdbench.metrics import SegMetrics, confusion_matrix
 from kdbench.methods import Method
 from kdbench.progress import make_progress
 from kdbench.recipe import EvalConfig, TrainConfig
+from kdbench.runtime import Runtime, float32
 
 IGNORE = 255
 
@@ -58,28 +61,46 @@ class SeededStream(Dataset):
             return self.base[idx]
 
 
-class _CountFrom(Sampler[int]):
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+class StepSlices(Sampler[int]):
+    """Sample ids of steps ``start`` .. ``stop``: this process's slice of every global batch.
+
+    The global batch of step k is samples k*B .. (k+1)*B - 1 of the seeded stream whatever the
+    number of processes; process r of W takes the r-th of its W equal slices. So one process and W
+    processes see the same global batches, and a resumed run the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.start, self.stop, self.batch, self.rank, self.world = start, stop, batch_size, rank, world_size
+        self.local = batch_size // world_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+        for step in range(self.start, self.stop):
+            first = step * self.batch + self.rank * self.local
+            yield from range(first, first + self.local)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return (self.stop - self.start) * self.local
 
 
-def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int, workers: int) -> DataLoader:
-    """Batches ``start_step`` .. ``total_steps`` of a run."""
-    sampler = _CountFrom(start_step * batch_size, total_steps * batch_size)
+def train_batches(
+    dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int, workers: int, rt: Runtime | None = None
+) -> DataLoader:
+    """This process's part of batches ``start_step`` .. ``total_steps`` of a run (``batch_size`` is global)."""
+    rt = rt or Runtime()
+    if batch_size % rt.world_size:
+        raise UserError(f"train.batch_size: {batch_size} does not split evenly over {rt.world_size} processes")
+    sampler = StepSlices(start_step, total_steps, batch_size, rt.rank, rt.world_size)
     # an own generator: otherwise creating the iterator draws from the global RNG (dropout's), and
     # a resumed run would draw at a different step than an uninterrupted one
     return DataLoader(
         SeededStream(dataset, seed),
-        batch_size=batch_size,
+        batch_size=batch_size // rt.world_size,
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
+        pin_memory=rt.cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -116,34 +137,96 @@ class TrainState:
     steps_per_epoch: int = 1
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    runtime: Runtime = field(default_factory=Runtime)
+    #: what a step calls: the modules above or their DistributedDataParallel / compiled forms
+    #: (checkpoints always read the modules themselves, so their keys never change)
+    student_forward: Callable[..., Any] | None = None
+    teacher_forward: Callable[..., Any] | None = None
+    method_forward: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.student_forward = self.student_forward or self.student
+        self.teacher_forward = self.teacher_forward or self.teacher
+        self.method_forward = self.method_forward or self.method
 
 
-def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """One optimisation step; returns every loss term (weighted) and the total, as floats."""
-    method = state.method
+def build_state(
+    student: nn.Module,
+    method: Method | None,
+    teacher: nn.Module | None,
+    cfg: TrainConfig,
+    rt: Runtime,
+    steps_per_epoch: int = 1,
+) -> TrainState:
+    """Models and method on the runtime's device, the optimizer and schedule over them, and the
+    forms a step calls: DistributedDataParallel around the student across processes, torch.compile
+    when asked. The method's learnable parts are averaged across processes by the step itself
+    (``Runtime.all_reduce_grads``): parts of them freeze and thaw during a run (AttnFD's warm-up) and
+    a discriminator has a second backward, neither of which DistributedDataParallel allows."""
+    student = rt.prepare_module(student)
+    teacher = rt.prepare_module(teacher) if teacher is not None else None
+    method = rt.prepare_module(method) if method is not None else None
+    optimizer = make_optimizer(student, method, cfg, cfg.lr)
+    student_forward: Any = student
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student_forward = DistributedDataParallel(student, device_ids=[rt.device.index] if rt.cuda else None)
+    teacher_forward, method_forward = teacher, method
+    if rt.compile:
+        student_forward = torch.compile(student_forward)
+        teacher_forward = torch.compile(teacher) if teacher is not None else None
+        method_forward = torch.compile(method) if method is not None else None
+    return TrainState(
+        student=student,
+        method=method,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=poly_schedule(optimizer, cfg.iterations, cfg.poly_power),
+        total_steps=cfg.iterations,
+        steps_per_epoch=steps_per_epoch,
+        runtime=rt,
+        student_forward=student_forward,
+        teacher_forward=teacher_forward,
+        method_forward=method_forward,
+    )
+
+
+@float32
+def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
+def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns every loss term (weighted) and the total as detached 0-dim
+    tensors. Nothing here waits for the GPU: the caller reads the values when it logs them."""
+    rt, method = state.runtime, state.method
     state.student.train()
     if method is not None:
         method.train()
         method.on_step(state.step, state.total_steps, state.steps_per_epoch)
+    images, target = rt.to_device(images, target)
     t_out: dict[str, torch.Tensor] = {}
-    if state.teacher is not None and (method is None or method.needs_teacher):
-        with torch.no_grad():
-            t_out = state.teacher(images)
-    s_out = state.student(images)
-    terms = {"task": F.cross_entropy(s_out["out"], target, ignore_index=IGNORE)}
-    if method is not None:
-        for name, value in method(s_out, t_out, target).items():
-            terms[name] = value
+    with rt.autocast():
+        if state.teacher is not None and (method is None or method.needs_teacher):
+            with torch.no_grad():
+                t_out = state.teacher_forward(images)
+        s_out = state.student_forward(images)
+        terms = {"task": task_loss(s_out["out"], target)}
+        if method is not None:
+            terms.update(state.method_forward(s_out, t_out, target))
     total = sum(terms.values())
     state.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    state.optimizer.step()
+    rt.backward(total)
+    if method is not None and rt.distributed:
+        rt.all_reduce_grads(method.student_parameters())
+    rt.step(state.optimizer)
     state.scheduler.step()
-    logged = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-    logged["loss/total"] = float(total.detach())
+    logged = {f"loss/{k}": v.detach() for k, v in terms.items()}
+    logged["loss/total"] = total.detach()
     if method is not None:
         detached = {k: v.detach() for k, v in s_out.items()}
-        logged.update({f"loss/{k}": float(v) for k, v in method.own_step(detached, t_out, target).items()})
+        logged.update({f"loss/{k}": v for k, v in method.own_step(detached, t_out, target, rt).items()})
     state.step += 1
     return logged
 
@@ -154,14 +237,14 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) ->
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = (1.0,), flip: bool = False) -> torch.Tensor:
-    """Class probabilities at the input size, averaged over scales (and flips)."""
+    """Class probabilities (float32) at the input size, averaged over scales (and flips)."""
     h, w = images.shape[-2:]
     probs = 0
     for s in scales:
         x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
         views = [x, x.flip(-1)] if flip else [x]
         for i, v in enumerate(views):
-            out = model(v)["out"]
+            out = model(v)["out"].float()
             out = out.flip(-1) if i == 1 else out
             if out.shape[-2:] != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
@@ -169,20 +252,44 @@ def predict(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = 
     return probs
 
 
+def eval_loader(dataset: Dataset, cfg: EvalConfig, rt: Runtime | None = None, workers: int = 0) -> DataLoader:
+    """This process's share of a split (every W-th image), kept for the whole run."""
+    rt = rt or Runtime()
+    part = Subset(dataset, range(rt.rank, len(dataset), rt.world_size)) if rt.distributed else dataset
+    return DataLoader(part, batch_size=cfg.batch_size, shuffle=False, num_workers=workers, pin_memory=rt.cuda, persistent_workers=workers > 0)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, cfg: EvalConfig, progress: bool = False) -> tuple[SegMetrics, torch.Tensor]:
-    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole split."""
+def evaluate(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    num_classes: int,
+    cfg: EvalConfig,
+    progress: bool = False,
+    rt: Runtime | None = None,
+) -> tuple[SegMetrics, torch.Tensor]:
+    """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole split,
+    accumulated on the device and summed over processes."""
+    rt = rt or Runtime()
+    loader = data if isinstance(data, DataLoader) else eval_loader(data, cfg, rt)
     was_training = model.training
     model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
-    with make_progress(enabled=progress, transient=True) as bar:
-        task = bar.add_task("evaluating", total=len(loader))
-        for images, target in loader:
-            pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
-            cm += confusion_matrix(pred, target, num_classes, IGNORE)
-            bar.advance(task)
-    model.train(was_training)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # images of many sizes: autotuning each would cost more than it saves
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=rt.device)
+    try:
+        with make_progress(enabled=progress, transient=True) as bar:
+            task = bar.add_task("evaluating", total=len(loader))
+            for images, target in loader:
+                images, target = rt.to_device(images, target)
+                with rt.autocast():
+                    pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
+                cm += confusion_matrix(pred, target, num_classes, IGNORE)
+                bar.advance(task)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        model.train(was_training)
+    cm = rt.all_reduce_(cm).cpu()
     return SegMetrics.from_confusion(cm), cm
 
 
@@ -204,15 +311,17 @@ class LoopHooks:
 
 
 def state_dict(state: TrainState) -> dict[str, Any]:
+    """The checkpoint of a run; every process must call it (it gathers their RNG states)."""
     return {
         "student": state.student.state_dict(),
         "method": state.method.state_dict() if state.method is not None else {},
         "method_optimizers": state.method.optimizer_state() if state.method is not None else {},
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
+        "scalers": state.runtime.scaler_states(),
         "step": state.step,
         "history": state.history,
-        "rng": torch.get_rng_state(),
+        "rng": state.runtime.rng_states(),
     }
 
 
@@ -223,9 +332,10 @@ def load_state(state: TrainState, ckpt: dict[str, Any]) -> None:
         state.method.load_optimizer_state(ckpt["method_optimizers"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.runtime.load_scaler_states(ckpt.get("scalers", {}))
     state.step = ckpt["step"]
     state.history = list(ckpt["history"])
-    torch.set_rng_state(ckpt["rng"])
+    state.runtime.set_rng_states(ckpt["rng"])
 
 
 def run_loop(
@@ -242,38 +352,47 @@ def run_loop(
     progress: bool = True,
     label: str = "training",
 ) -> None:
-    """Train from ``state.step`` to ``total_steps``, evaluating and checkpointing on the way."""
+    """Train from ``state.step`` to ``total_steps``, evaluating and checkpointing on the way.
+
+    Only the main process writes checkpoints; every process takes part in making them. Loss values
+    are read from the device at log intervals only."""
     total = state.total_steps
-    cfg = train_cfg
+    cfg, rt = train_cfg, state.runtime
+    progress = progress and rt.is_main
 
     def checkpoint() -> None:
         if checkpoint_path is not None:
-            save_atomic({**state_dict(state), **hooks.checkpoint_extra}, checkpoint_path)
+            ckpt = state_dict(state)
+            if rt.is_main:
+                save_atomic({**ckpt, **hooks.checkpoint_extra}, checkpoint_path)
+
+    evaluation = eval_loader(eval_set, eval_cfg, rt, workers) if eval_set is not None else None
 
     def do_eval() -> None:
-        if eval_set is None:
+        if evaluation is None:
             return
-        metrics, _ = evaluate(state.student, eval_set, num_classes, eval_cfg)
+        metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt)
         state.history.append({"step": state.step, "miou": metrics.miou})
         hooks.log({"val/miou": metrics.miou, "val/pixel_acc": metrics.pixel_acc}, state.step)
         hooks.on_eval(state.step, metrics)
 
-    loader = train_batches(train_set, cfg.batch_size, seed, state.step, total, workers)
-    window_start, window_images = time.perf_counter(), 0
+    loader = train_batches(train_set, cfg.batch_size, seed, state.step, total, workers, rt)
+    window_start, window_steps = time.perf_counter(), 0
     with make_progress(enabled=progress) as bar:
         task = bar.add_task(label, total=total, completed=state.step, loss=math.nan, lr=0.0, ips=0.0)
         for images, target in loader:
             logged = train_step(state, images, target)
-            window_images += images.shape[0]
+            window_steps += 1
             step = state.step
-            lr = state.optimizer.param_groups[0]["lr"]
             if step % cfg.log_interval == 0 or step == total:
+                values = {k: float(v) for k, v in logged.items()}  # the one wait for the device per log interval
                 elapsed = time.perf_counter() - window_start
-                ips = window_images / elapsed if elapsed > 0 else 0.0
-                hooks.log({**logged, "lr": lr, "throughput/images_per_s": ips}, step)
-                window_start, window_images = time.perf_counter(), 0
-                bar.update(task, ips=ips)
-            bar.update(task, completed=step, loss=logged["loss/total"], lr=lr)
+                ips = window_steps * cfg.batch_size / elapsed if elapsed > 0 else 0.0
+                lr = state.optimizer.param_groups[0]["lr"]
+                hooks.log({**values, "lr": lr, "throughput/images_per_s": ips}, step)
+                window_start, window_steps = time.perf_counter(), 0
+                bar.update(task, loss=values["loss/total"], lr=lr, ips=ips)
+            bar.update(task, completed=step)
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
                 do_eval()
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < total:

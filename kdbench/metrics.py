@@ -9,9 +9,12 @@ import torch
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """(num_classes, num_classes) counts, rows = true class, columns = predicted; ignored pixels skipped."""
-    valid = target != ignore_index
-    idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    # scatter-add into an extra bin for ignored pixels instead of boolean indexing and bincount,
+    # which must wait for the GPU to learn their output sizes
+    k2 = num_classes * num_classes
+    idx = torch.where(target != ignore_index, target.long() * num_classes + pred.long(), k2).reshape(-1)
+    counts = torch.zeros(k2 + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    return counts[:k2].reshape(num_classes, num_classes)
 
 
 @dataclass(frozen=True)

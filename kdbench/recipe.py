@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from kdbench.errors import UserError
+from kdbench.runtime import DEVICE_PATTERN
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "default"
@@ -48,7 +49,8 @@ class DataConfig:
     flip: bool = True
     #: "imagenet": RGB mean/std; "cirkd_bgr": CIRKD's BGR mean subtraction on 0-255 pixels
     normalize: Literal["imagenet", "cirkd_bgr"] = "imagenet"
-    workers: int = 0
+    #: loader processes; auto: none on a CPU, the machine's cores shared by its GPU processes on a GPU
+    workers: int | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the run computes (kdbench.runtime). Not part of a cached teacher's key."""
+
+    #: auto: this process's GPU if there is one, else the CPU; cpu; cuda; cuda:N
+    device: str = "auto"
+    #: auto: bf16 on a GPU that supports it, else fp32. Losses are computed in float32 in every mode
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: torch.compile the student, the teacher and the method (slow first steps, faster after)
+    compile: bool = False
+    #: channels-last memory format for models and images; auto: on a GPU
+    channels_last: bool | Literal["auto"] = "auto"
+    #: multi-GPU: BatchNorm statistics over the whole global batch (CUDA only)
+    sync_batchnorm: bool = False
+    cudnn_benchmark: bool = True
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     #: empty: $MLFLOW_TRACKING_URI, else MLflow's default local store (sqlite:///mlflow.db)
     uri: str | None = None
@@ -136,6 +155,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     seed: int = 0
     #: where run folders (checkpoints) go
     output_dir: str = "runs"
@@ -331,8 +351,9 @@ def validate(recipe: Recipe) -> Recipe:
         "train.poly_power": t.poly_power,
         "train.eval_interval": t.eval_interval,
         "train.checkpoint_interval": t.checkpoint_interval,
-        "data.workers": d.workers,
     }
+    if d.workers != "auto":
+        nonneg["data.workers"] = d.workers
     for key, value in nonneg.items():
         if value < 0:
             raise UserError(f"{key}: must be zero or more, got {value}")
@@ -342,6 +363,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.scale_range: expected 0 < low <= high, got {list(d.scale_range)}")
     if not recipe.eval.scales or min(recipe.eval.scales) <= 0:
         raise UserError(f"eval.scales: expected positive scales, got {list(recipe.eval.scales)}")
+    if not DEVICE_PATTERN.match(recipe.runtime.device):
+        raise UserError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {recipe.runtime.device!r}")
     if t.nesterov and t.momentum == 0:
         raise UserError("train.nesterov: Nesterov momentum needs train.momentum > 0")
     for section in ("teacher", "student"):

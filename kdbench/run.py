@@ -19,14 +19,15 @@ import torch
 from rich.console import Console
 
 from kdbench.checkpoint import load, save_atomic
-from kdbench.data import Splits, build_splits, resolve_cache_dir
-from kdbench.engine import LoopHooks, TrainState, evaluate, load_state, make_optimizer, poly_schedule, run_loop
+from kdbench.data import Splits, load_splits, resolve_cache_dir
+from kdbench.engine import LoopHooks, build_state, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import UserError
-from kdbench.methods import FeatureSpec, Method, build_method, get_method_class, resolve_config
+from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
-from kdbench.models import create_model
+from kdbench.models import build_model
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
-from kdbench.tracking import Tracker
+from kdbench.runtime import Runtime, make_runtime
+from kdbench.tracking import NullTracker, Tracker
 
 console = Console(stderr=True)
 
@@ -42,45 +43,6 @@ class RunResult:
 
 def cache_dir(recipe: Recipe) -> Path:
     return resolve_cache_dir(recipe.cache_dir)
-
-
-def method_for(name: str, cfg: Any, student: torch.nn.Module, teacher: torch.nn.Module | None, num_classes: int) -> Method:
-    """The method built for this pair; a method without a teacher sees the student's features twice."""
-    s_spec = FeatureSpec.of(student, num_classes)
-    t_spec = FeatureSpec.of(teacher, num_classes) if teacher is not None else s_spec
-    return build_method(name, cfg, s_spec, t_spec)
-
-
-def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
-    d = recipe.data
-    return build_splits(
-        d.dataset,
-        d.root,
-        crop_size=recipe.train.crop_size,
-        scale_range=d.scale_range,
-        flip=d.flip,
-        normalize=d.normalize,
-        use_sbd=d.use_sbd,
-        holdout_fraction=d.holdout_fraction,
-        seed=recipe.seed,
-        synthetic=dataclasses.asdict(d.synthetic),
-        cache_dir=cache_dir(recipe),
-        progress=progress,
-    )
-
-
-def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
-    return create_model(
-        cfg.arch,
-        cfg.backbone,
-        num_classes,
-        output_stride=cfg.output_stride,
-        pretrained=cfg.pretrained,
-        aspp_channels=cfg.aspp_channels,
-        decoder_channels=cfg.decoder_channels,
-        low_channels=cfg.low_channels,
-        attention_taps=tuple(cfg.attention_taps),
-    )
 
 
 def _model_meta(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
@@ -123,24 +85,28 @@ def load_teacher(recipe: Recipe, path: Path, num_classes: int) -> tuple[torch.nn
     return model, meta
 
 
-def ensure_teacher(recipe: Recipe, splits: Splits, quiet: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The recipe's teacher checkpoint, or the cached teacher of this recipe, trained now if absent."""
+def ensure_teacher(recipe: Recipe, splits: Splits, quiet: bool = False, rt: Runtime | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The recipe's teacher checkpoint, or the cached teacher of this recipe, trained now if absent
+    (by all processes of a multi-GPU run together; rank 0 decides and writes)."""
+    rt = rt or make_runtime(recipe.runtime)
     if recipe.teacher.checkpoint:
         return load_teacher(recipe, Path(recipe.teacher.checkpoint), splits.num_classes)
     path = teacher_cache_path(recipe)
-    if not path.is_file():
+    if not rt.broadcast(path.is_file()):
         t = recipe.teacher
-        console.print(
-            f"[bold]No trained teacher for this recipe yet[/]: training {t.arch}/{t.backbone} for {t.iterations} "
-            f"iterations once; it is cached at {path} and reused by every later run."
-        )
-        train_teacher(recipe, splits, quiet=quiet)
+        if rt.is_main:
+            console.print(
+                f"[bold]No trained teacher for this recipe yet[/]: training {t.arch}/{t.backbone} for {t.iterations} "
+                f"iterations once; it is cached at {path} and reused by every later run."
+            )
+        train_teacher(recipe, splits, quiet=quiet, rt=rt)
     return load_teacher(recipe, path, splits.num_classes)
 
 
-def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = False) -> RunResult:
+def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None) -> RunResult:
     """Train the recipe's teacher with the task loss alone and cache it (resumes if killed)."""
-    splits = splits or load_splits(recipe, progress=not quiet)
+    rt = rt or make_runtime(recipe.runtime)
+    splits = splits or _splits(recipe, rt, quiet)
     t = recipe.teacher
     torch.manual_seed(t.seed)
     model = build_model(t, splits.num_classes)
@@ -161,11 +127,19 @@ def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = Fa
         resume=True,
         quiet=quiet,
         run_name=f"teacher-{t.arch}-{t.backbone}",
+        rt=rt,
     )
-    meta = {**_model_meta(t, splits.num_classes), "miou": result.metrics.miou, "mlflow_run_id": result.run_id}
-    save_atomic({"model": model.state_dict(), "meta": meta}, path)
-    (path.parent / "last.pt").unlink(missing_ok=True)  # the resume point is of no use once cached
+    if rt.is_main:
+        meta = {**_model_meta(t, splits.num_classes), "miou": result.metrics.miou, "mlflow_run_id": result.run_id}
+        save_atomic({"model": model.state_dict(), "meta": meta}, path)
+        (path.parent / "last.pt").unlink(missing_ok=True)  # the resume point is of no use once cached
+    rt.barrier()  # the others load it next
     return result
+
+
+def _splits(recipe: Recipe, rt: Runtime, quiet: bool) -> Splits:
+    with rt.main_first():  # rank 0 generates the synthetic data once; the others read it
+        return load_splits(recipe, progress=not quiet and rt.is_main)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +158,11 @@ def run(
     extra_tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Distil the recipe's teacher into its student with the recipe's method."""
-    splits = load_splits(recipe, progress=not quiet)
+    rt = make_runtime(recipe.runtime)
+    splits = _splits(recipe, rt, quiet)
     m = recipe.method
     needs_teacher = get_method_class(m.name).needs_teacher
-    teacher, teacher_meta = ensure_teacher(recipe, splits, quiet) if needs_teacher else (None, {})
+    teacher, teacher_meta = ensure_teacher(recipe, splits, quiet, rt) if needs_teacher else (None, {})
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, splits.num_classes)
     _, cfg = resolve_config(m.name, m.preset, m.params)
@@ -213,6 +188,7 @@ def run(
         on_eval=on_eval,
         after_step=after_step,
         extra_tags=tags,
+        rt=rt,
     )
 
 
@@ -237,24 +213,19 @@ def _train(
     on_eval: Callable[[int, SegMetrics], None] | None = None,
     after_step: Callable[[int], None] | None = None,
     extra_tags: dict[str, str] | None = None,
+    rt: Runtime,
 ) -> RunResult:
-    """The tracked training of one model (student or teacher), resumable from ``run_dir/last.pt``."""
+    """The tracked training of one model (student or teacher), resumable from ``run_dir/last.pt``.
+    Every process of a multi-GPU run calls it; only rank 0 talks to MLflow and writes files."""
     eval_set = splits.holdout if eval_split == "holdout" else splits.val
     if eval_set is None:
         raise UserError("data.holdout_fraction: evaluating on the held-out split needs data.holdout_fraction > 0")
-    optimizer = make_optimizer(model, method, train_cfg, train_cfg.lr)
-    state = TrainState(
-        student=model,
-        method=method,
-        teacher=teacher,
-        optimizer=optimizer,
-        scheduler=poly_schedule(optimizer, train_cfg.iterations, train_cfg.poly_power),
-        total_steps=train_cfg.iterations,
-        steps_per_epoch=max(1, len(splits.train) // train_cfg.batch_size),
-    )
+    steps_per_epoch = max(1, len(splits.train) // train_cfg.batch_size)
+    state = build_state(model, method, teacher, train_cfg, rt, steps_per_epoch)
+    quiet = quiet or not rt.is_main
     ckpt_path = run_dir / "last.pt"
     run_id = None
-    if resume and ckpt_path.is_file():
+    if resume and rt.broadcast(ckpt_path.is_file()):
         ckpt = load(ckpt_path, "--resume")
         if ckpt.get("recipe_hash") != recipe.hash():
             raise UserError(f"--resume: {ckpt_path} was written by a different recipe; drop --resume to start over")
@@ -265,7 +236,8 @@ def _train(
     elif resume and not quiet and role == "student":
         console.print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
 
-    tracker = Tracker(recipe.tracking.uri, recipe.tracking.experiment or f"kdbench-{recipe.benchmark}")
+    experiment = recipe.tracking.experiment or f"kdbench-{recipe.benchmark}"
+    tracker = Tracker(recipe.tracking.uri, experiment) if rt.is_main else NullTracker()
     d = recipe.data
     tags = {
         "kdbench.role": role,
@@ -277,10 +249,12 @@ def _train(
         "seed": str(seed),
         "recipe.hash": recipe.hash(),
         "eval_split": eval_split,
+        **rt.describe(),
         **(extra_tags or {}),
     }
     run_id = tracker.start(run_name, tags, flatten(recipe.to_dict()), run_id=run_id, parent_run_id=parent_run_id)
     start = time.perf_counter()
+    workers = rt.loader_workers(d.workers)
 
     def eval_hook(step: int, metrics: SegMetrics) -> None:
         if on_eval is not None:
@@ -303,13 +277,15 @@ def _train(
             seed,
             ckpt_path,
             hooks,
-            workers=d.workers,
+            workers=workers,
             progress=not quiet,
             label=f"{role} {run_name}",
         )
-        metrics, cm = evaluate(model, eval_set, splits.num_classes, recipe.eval, progress=not quiet)
+        loader = eval_loader(eval_set, recipe.eval, rt, workers)
+        metrics, cm = evaluate(model, loader, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
         eval_hook(state.step, metrics)
-        _log_final(tracker, recipe, metrics, cm, splits.class_names, model, run_dir, state.step)
+        if rt.is_main:
+            _log_final(tracker, recipe, metrics, cm, splits.class_names, model, run_dir, state.step)
     except KeyboardInterrupt:
         tracker.end("KILLED", "interrupted; continue with --resume")
         raise

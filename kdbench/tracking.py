@@ -94,3 +94,19 @@ def _metric_key(k: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class NullTracker(Tracker):
+    """What the processes other than rank 0 of a multi-GPU run log to: nothing."""
+
+    def __init__(self) -> None:
+        self.run_id = None
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], run_id: str | None = None, parent_run_id: str | None = None) -> str | None:  # type: ignore[override]
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        pass

@@ -95,4 +95,12 @@ def build_method(name: str, cfg: Any, student: FeatureSpec, teacher: FeatureSpec
     return get_method_class(name)(cfg, student, teacher)
 
 
-__all__ = ["FeatureSpec", "Method", "build_method", "get_method_class", "registry", "resolve_config"]
+def method_for(name: str, cfg: Any, student: Any, teacher: Any | None, num_classes: int) -> Method:
+    """The method built for this pair of models; a method without a teacher sees the student's
+    features twice."""
+    s_spec = FeatureSpec.of(student, num_classes)
+    t_spec = FeatureSpec.of(teacher, num_classes) if teacher is not None else s_spec
+    return build_method(name, cfg, s_spec, t_spec)
+
+
+__all__ = ["FeatureSpec", "Method", "build_method", "get_method_class", "method_for", "registry", "resolve_config"]

@@ -48,27 +48,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .base import Method, hparam
+from .base import Method, Runtime, float32, hparam
 
 # ---------------------------------------------------------------------------------------------
 # the losses, as pure functions of discriminator scores
 
 
+@float32
 def hinge_d_loss(d_teacher: torch.Tensor, d_student: torch.Tensor) -> torch.Tensor:
     """mean relu(1 - D(t)) + mean relu(1 + D(s)): the teacher is "real", the student "fake"."""
     return F.relu(1.0 - d_teacher).mean() + F.relu(1.0 + d_student).mean()
 
 
+@float32
 def wgan_d_loss(d_teacher: torch.Tensor, d_student: torch.Tensor) -> torch.Tensor:
     """mean D(s) - mean D(t): the critic's Wasserstein estimate, negated (the gradient penalty is separate)."""
     return d_student.mean() - d_teacher.mean()
 
 
+@float32
 def generator_loss(d_student: torch.Tensor) -> torch.Tensor:
     """-mean D(s), for hinge and WGAN alike (as in SKD's and CIRKD's code)."""
     return -d_student.mean()
 
 
+@float32
 def gradient_penalty(
     disc: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor
 ) -> torch.Tensor:
@@ -204,20 +208,25 @@ class Adversary(nn.Module):
             d.requires_grad_(True)
         return self.cfg.adv_weight * generator_loss(score)
 
-    def step(self, z_s: torch.Tensor, z_t: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
-        """One discriminator step on detached logits; returns the weighted D loss."""
+    def step(self, z_s: torch.Tensor, z_t: torch.Tensor, optimizer: torch.optim.Optimizer, rt: Runtime) -> torch.Tensor:
+        """One discriminator step on detached logits; returns the weighted D loss (detached).
+
+        D runs under the run's autocast; the losses and the gradient penalty (a double backward)
+        in float32. Across processes D's gradients are averaged before its step."""
         c, d = self.cfg, self.discriminator
         z_s, z_t = match_size(z_s.detach(), z_t).detach(), z_t.detach()
         optimizer.zero_grad(set_to_none=True)  # nothing from the student's pass may leak into D's step
-        d_s, d_t = d(z_s), d(z_t)
+        with rt.autocast():
+            d_s, d_t = d(z_s), d(z_t)
         if c.adv_loss == "hinge":
             loss = hinge_d_loss(d_t, d_s)
         else:
             loss = wgan_d_loss(d_t, d_s) + c.adv_gp_weight * gradient_penalty(d, z_t, z_s)
         loss = c.adv_d_weight * loss
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        rt.backward(loss, "discriminator")
+        rt.all_reduce_grads(d.parameters())
+        rt.step(optimizer, "discriminator")
+        return loss.detach()
 
     def set_lr(self, optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
         if self.cfg.adv_lr_power > 0 and total_steps > 0:
@@ -255,8 +264,8 @@ class AdversarialMethod(Method):
         if self.adversary is not None:
             self.adversary.set_lr(self._own_optimizers["discriminator"], step, total_steps)
 
-    def own_step(self, student, teacher, target) -> dict[str, float]:
+    def own_step(self, student, teacher, target, rt) -> dict[str, torch.Tensor]:
         if self.adversary is None:
             return {}
         opt = self._own_optimizers["discriminator"]
-        return {"adv_disc": self.adversary.step(student["logits"], teacher["logits"], opt)}
+        return {"adv_disc": self.adversary.step(student["logits"], teacher["logits"], opt, rt)}

@@ -45,7 +45,7 @@ from torch import nn
 
 from kdbench.models.cbam import CBAM, channel_descriptors, spatial_descriptor
 
-from .base import Method, hparam
+from .base import Method, float32, hparam
 
 LAYERS = ("backbone", "encoder", "decoder")
 
@@ -58,11 +58,13 @@ def free_attention(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(spatial_descriptor(x).sum(dim=1, keepdim=True))
 
 
+@float32
 def batch_normalized_distance(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     """Each map over its single L2 norm (whole B x C x H x W tensor); squared differences summed, / B."""
     return ((fs / fs.norm() - ft / ft.norm()) ** 2).sum() / fs.shape[0]
 
 
+@float32
 def channel_normalized_distance(fs: torch.Tensor, ft: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """Per-pixel channel vectors L2-normalised; their L2 distance summed over batch and pixels, / (H*W)."""
     d = (F.normalize(fs, dim=1) - F.normalize(ft, dim=1)).norm(dim=1)
@@ -70,6 +72,7 @@ def channel_normalized_distance(fs: torch.Tensor, ft: torch.Tensor, squared: boo
     return d.sum() / (fs.shape[2] * fs.shape[3])
 
 
+@float32
 def attnfd_distance(fs: torch.Tensor, ft: torch.Tensor, normalize: str = "batch", squared: bool = False) -> torch.Tensor:
     """D(F_s', F_t') of one layer; the student map is resized to the teacher's when sizes differ."""
     if fs.shape[-2:] != ft.shape[-2:]:

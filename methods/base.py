@@ -6,6 +6,11 @@ labels; it returns a dict of named, already weighted loss terms that the engine 
 and logs one by one. Learnable parts (connectors, attention modules) live on the method and are
 trained with the student. A part that needs its own optimizer (a discriminator) is declared in
 ``own_optimizers`` and stepped in ``own_step``; the engine never special-cases a method by name.
+
+Precision: the engine runs ``forward`` under the run's autocast (bf16 / fp16 on a GPU), so
+connectors and attention modules run fast; the loss functions themselves are decorated with
+``float32`` and compute in float32. ``own_step`` gets the ``Runtime`` for its own backward and
+optimizer step (GradScaler under fp16, gradient averaging across processes).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from kdbench.runtime import Runtime, float32  # noqa: F401  (float32: the decorator of every loss function)
 
 
 def hparam(
@@ -103,9 +110,11 @@ class Method(nn.Module):
         return self.__dict__["_optims"]
 
     def own_step(
-        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], target: torch.Tensor
-    ) -> dict[str, float]:
-        """Called after the student's optimizer step with detached outputs; returns logged values."""
+        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], target: torch.Tensor, rt: Runtime
+    ) -> dict[str, torch.Tensor]:
+        """Called after the student's optimizer step with detached outputs; returns logged values as
+        detached tensors (reading them would wait for the GPU). Use ``rt.autocast()``,
+        ``rt.backward(loss, key)``, ``rt.all_reduce_grads(params)`` and ``rt.step(optimizer, key)``."""
         return {}
 
     def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:

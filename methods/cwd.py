@@ -44,12 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adversarial import CIRKD_ADVERSARIAL, AdversarialConfig, AdversarialMethod, match_size
-from .base import hparam
+from .base import float32, hparam
 from .kd import kd_loss
 
 FEATURES = ("decoder", "encoder", "backbone", "low")
 
 
+@float32
 def cwd_loss(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 / (B*C) * sum over (b, c) of KL(p_t || p_s), p = softmax over the h*w positions of y / T."""
     if s.shape != t.shape:

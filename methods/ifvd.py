@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .adversarial import CIRKD_ADVERSARIAL, AdversarialConfig, AdversarialMethod, match_size
-from .base import hparam
+from .base import float32, hparam
 from .kd import downsample_labels, kd_loss
 
 FEATURES = ("decoder", "encoder", "backbone", "low")
@@ -66,6 +66,7 @@ def class_similarity_map(f: torch.Tensor, labels: torch.Tensor, num_classes: int
     return F.cosine_similarity(feats, center, dim=1), valid[:, 0]
 
 
+@float32
 def ifv_loss(
     fs: torch.Tensor,
     ft: torch.Tensor,

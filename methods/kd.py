@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base import Method, hparam
+from .base import Method, float32, hparam
 
 
 def downsample_labels(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -24,6 +24,7 @@ def downsample_labels(target: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
+@float32
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

@@ -47,12 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from .adversarial import CIRKD_ADVERSARIAL, AdversarialConfig, AdversarialMethod, match_size
-from .base import hparam
+from .base import float32, hparam
 from .kd import kd_loss
 
 FEATURES = ("decoder", "encoder", "backbone", "low")
 
 
+@float32
 def soft_cross_entropy(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over pixels of T^2 * -sum_k p_t,k log p_s,k (SKD code's pixel-wise term), softmax over dim 1."""
     if s.shape != t.shape:
@@ -72,6 +73,7 @@ def _affinity(f: torch.Tensor, detach_norm: bool) -> torch.Tensor:
     return f.transpose(1, 2) @ f  # B x M x M
 
 
+@float32
 def pairwise_loss(
     fs: torch.Tensor,
     ft: torch.Tensor,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.engine import TrainState, train_step
+from kdbench.runtime import Runtime
 from kdbench.methods.adversarial import (
     Discriminator,
     generator_loss,
@@ -299,7 +300,7 @@ def test_method_contract(cls, preset, batch, s_size):
     adversarial = method.cfg.adv_weight > 0
     assert ("adv" in terms) == adversarial == bool(disc_params(method))
     before = {n: p.detach().clone() for n, p in disc_params(method).items()}
-    logged = method.own_step({k: v.detach() for k, v in student.items()}, teacher, target)
+    logged = method.own_step({k: v.detach() for k, v in student.items()}, teacher, target, Runtime())
     if adversarial:
         assert set(logged) == {"adv_disc"} and math.isfinite(logged["adv_disc"])
         assert any(not torch.equal(before[n], p) for n, p in disc_params(method).items())

@@ -7,24 +7,29 @@ val: hyper-parameter tuning optimises it, never the val split that tables report
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from kdbench.data.cityscapes import Cityscapes
+from kdbench.data.cityscapes import CITYSCAPES_CLASSES, Cityscapes
 from kdbench.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from kdbench.data.synthetic import ensure_synthetic
 from kdbench.data.transforms import eval_transform, train_transform
-from kdbench.data.voc import VOCSegmentation
+from kdbench.data.voc import VOC_CLASSES, VOCSegmentation
 from kdbench.errors import UserError
 
-__all__ = ["Splits", "build_splits", "Cityscapes", "VOCSegmentation", "ensure_synthetic"]
+if TYPE_CHECKING:
+    from kdbench.recipe import Recipe
+
+__all__ = ["Splits", "build_splits", "load_splits", "class_names", "Cityscapes", "VOCSegmentation", "ensure_synthetic"]
 
 DATASETS = ("synthetic", "voc", "cityscapes")
+CLASS_NAMES = {"synthetic": SYNTHETIC_CLASSES, "voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
 ROOT_ENV = {"voc": "KDBENCH_VOC_ROOT", "cityscapes": "KDBENCH_CITYSCAPES_ROOT"}
 
 
@@ -112,3 +117,27 @@ def build_splits(
         holdout = Subset(held_out_set, sorted(order[:count].tolist()))
         train = Subset(train_set, sorted(order[count:].tolist()))
     return Splits(train, holdout, val, train_set.num_classes, list(train_set.class_names))
+
+
+def class_names(dataset: str) -> list[str]:
+    """The classes of a dataset without reading it (what a benchmark on random tensors needs)."""
+    return list(CLASS_NAMES[dataset])
+
+
+def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
+    """The splits a recipe's run trains and evaluates on."""
+    d = recipe.data
+    return build_splits(
+        d.dataset,
+        d.root,
+        crop_size=recipe.train.crop_size,
+        scale_range=d.scale_range,
+        flip=d.flip,
+        normalize=d.normalize,
+        use_sbd=d.use_sbd,
+        holdout_fraction=d.holdout_fraction,
+        seed=recipe.seed,
+        synthetic=dataclasses.asdict(d.synthetic),
+        cache_dir=resolve_cache_dir(recipe.cache_dir),
+        progress=progress,
+    )

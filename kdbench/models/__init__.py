@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -118,4 +119,19 @@ def create_model(
     )
 
 
-__all__ = ["ARCHS", "CBAM", "FEATURE_NAMES", "SegmentationModel", "create_model"]
+def build_model(cfg: Any, num_classes: int, pretrained: bool | str | None = None) -> SegmentationModel:
+    """The model a recipe's ``teacher`` or ``student`` section describes (``pretrained`` overrides it)."""
+    return create_model(
+        cfg.arch,
+        cfg.backbone,
+        num_classes,
+        output_stride=cfg.output_stride,
+        pretrained=cfg.pretrained if pretrained is None else pretrained,
+        aspp_channels=cfg.aspp_channels,
+        decoder_channels=cfg.decoder_channels,
+        low_channels=cfg.low_channels,
+        attention_taps=tuple(cfg.attention_taps),
+    )
+
+
+__all__ = ["ARCHS", "CBAM", "FEATURE_NAMES", "SegmentationModel", "build_model", "create_model"]
