@@ -42,6 +42,8 @@ class Row:
     ratio: list[float] = field(default_factory=list)
     #: peak memory a step allocates beyond what was resident before it (activations, gradients)
     step_mib: float | None = None
+    #: the costliest operations of a step (``--profile``)
+    profile: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def median_ms(self) -> float:
@@ -65,6 +67,7 @@ class Row:
             "overlaps_floor": self.overlaps_floor,
             "images_per_s": 1000 * batch_size / self.median_ms,
             "step_mib": self.step_mib,
+            "profile": self.profile,
         }
 
 
@@ -123,6 +126,7 @@ def benchmark(
     rounds: int = 5,
     warmup: int = 3,
     loader_batches: int = 20,
+    profile: int = 0,
     quiet: bool = False,
 ) -> BenchResult:
     """Time every row for ``steps`` steps per round over ``rounds`` interleaved rounds, after
@@ -173,6 +177,11 @@ def benchmark(
             floor = rows[0].ms[-1]
             for row in rows:
                 row.ratio.append(row.ms[-1] / floor)
+        if profile:
+            task = bar.add_task("profiling", total=len(rows))
+            for state, row in zip(states, rows):
+                row.profile = profile_step(state, batches, steps, profile)
+                bar.advance(task)
     setting = {
         "recipe": recipe.benchmark,
         "device": rt.describe()["runtime.device"],
@@ -192,6 +201,26 @@ def benchmark(
     }
     loader = loader_throughput(recipe, rt, loader_batches, quiet) if loader_batches else {"skipped": "not asked for"}
     return BenchResult(rows, setting, loader)
+
+
+def profile_step(state: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` operations of a step by self time on the device (CPU time on a CPU), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rt = state.runtime
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            train_step(state, *batches[i % len(batches)])
+        rt.synchronize()
+    attr = "self_device_time_total" if rt.cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    out = [{"name": e.key, "ms_per_step": getattr(e, attr) / 1000 / steps, "calls_per_step": e.count / steps} for e in events[:top]]
+    if rt.cuda:  # how busy the device was against how long the host took: a host-bound step shows a gap
+        device_ms = sum(getattr(e, attr) for e in events) / 1000 / steps
+        out.append({"name": "[all device time]", "ms_per_step": device_ms, "calls_per_step": 0})
+    return out
 
 
 def loader_throughput(recipe: Recipe, rt: Runtime, batches: int, quiet: bool = True) -> dict[str, Any]:

@@ -21,7 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(soft_wrap=True)
+# wide enough for tables when the output is a file or a pipe (logs, CI), where rich assumes 80 columns
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 RecipeOpt = Annotated[
     Optional[str],
@@ -129,6 +130,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed steps per row first (autotuning, compilation).")] = 3,
     loader_batches: Annotated[int, typer.Option(help="Batches read to time the recipe's data loader (0: skip).")] = 20,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    profile: Annotated[int, typer.Option(help="Also profile every row and show its N costliest operations (device time on a GPU).")] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Time one training step of every method and preset against the floor (teacher forward + plain
@@ -147,7 +149,7 @@ def bench(
     if min(steps, rounds) < 1 or warmup < 0 or loader_batches < 0:
         raise UserError("bench: --steps and --rounds must be at least 1, --warmup and --loader-batches at least 0")
     r = load_recipe(recipe, runtime_overrides(device, precision, compile_) + list(set_ or []))
-    result = benchmark(r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, quiet=quiet)
+    result = benchmark(r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, profile=profile, quiet=quiet)
     st = result.setting
     table = Table(
         title=f"ms per training step on {st['device']}, {st['precision']}{', compiled' if st['compile'] else ''}; "
@@ -167,7 +169,11 @@ def bench(
             f"{1000 * st['batch_size'] / row.median_ms:.0f}",
             f"{row.step_mib:.0f}" if row.step_mib is not None else "",
         )
-    out.print(table, width=max(out.width, 150))
+    out.print(table)
+    for row in result.rows:
+        if row.profile:
+            ops = "; ".join(f"{op['name']} {op['ms_per_step']:.2f} ms" for op in row.profile)
+            out.print(f"profile {row.method}/{row.preset}: {ops}")
     ld = result.loader
     if "images_per_s" in ld:
         out.print(f"loader: {ld['images_per_s']:.0f} images/s with {ld['workers']} workers ({ld['batches']} batches)")
