@@ -27,7 +27,7 @@ from kdbench.metrics import SegMetrics, confusion_matrix
 from kdbench.methods import Method
 from kdbench.progress import make_progress
 from kdbench.recipe import EvalConfig, TrainConfig
-from kdbench.runtime import Runtime, float32
+from kdbench.runtime import Runtime, float32, fused_on, graphed
 
 IGNORE = 255
 
@@ -115,9 +115,10 @@ def make_optimizer(student: nn.Module, method: Method | None, cfg: TrainConfig, 
     extra = method.student_parameters() if method is not None else []
     groups = [{"params": backbone, "lr": lr}, {"params": head + extra, "lr": lr * cfg.head_lr_mult}]
     groups = [g for g in groups if g["params"]]
+    fused = fused_on(student)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -173,6 +174,8 @@ def build_state(
 
         student_forward = DistributedDataParallel(student, device_ids=[rt.device.index] if rt.cuda else None)
     teacher_forward, method_forward = teacher, method
+    if teacher is not None and rt.cuda and rt.cuda_graphs and not rt.compile:
+        teacher_forward = graphed(teacher, rt)
     if rt.compile:
         student_forward = torch.compile(student_forward)
         teacher_forward = torch.compile(teacher) if teacher is not None else None

@@ -130,6 +130,8 @@ class RuntimeConfig:
     #: multi-GPU: BatchNorm statistics over the whole global batch (CUDA only)
     sync_batchnorm: bool = False
     cudnn_benchmark: bool = True
+    #: capture the frozen teacher's forward as a CUDA graph (removes its kernel-launch cost)
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .base import Method, Runtime, float32, hparam
+from .base import Method, Runtime, float32, fused_on, hparam
 
 # ---------------------------------------------------------------------------------------------
 # the losses, as pure functions of discriminator scores
@@ -119,8 +119,10 @@ class Discriminator(nn.Module):
         self.last = nn.Conv2d(dims[4], 1, 4)
         self.slope = slope
 
+    @float32
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """A score map (B x 1 x h' x w'); 1 x 1 for 64 x 64 logits."""
+        """A score map (B x 1 x h' x w'); 1 x 1 for 64 x 64 logits. Always float32: D sees small
+        logit maps, where half precision would only add cast kernels to a step bound by launches."""
         x = self.input_norm(z)
         for i, conv in enumerate(self.down):
             x = F.leaky_relu(conv(F.pad(x, (1, 2, 1, 2))), self.slope)
@@ -194,9 +196,10 @@ class Adversary(nn.Module):
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         c, params = self.cfg, self.discriminator.parameters()
+        fused = fused_on(self.discriminator)
         if c.adv_optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.adv_lr, betas=tuple(c.adv_betas), weight_decay=c.adv_weight_decay)
-        return torch.optim.SGD(params, lr=c.adv_lr, momentum=c.adv_momentum, weight_decay=c.adv_weight_decay)
+            return torch.optim.Adam(params, lr=c.adv_lr, betas=tuple(c.adv_betas), weight_decay=c.adv_weight_decay, fused=fused)
+        return torch.optim.SGD(params, lr=c.adv_lr, momentum=c.adv_momentum, weight_decay=c.adv_weight_decay, fused=fused)
 
     def student_term(self, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         """lambda_adv * -mean D(z_s), with D frozen so the student's backward leaves D untouched."""
@@ -211,13 +214,11 @@ class Adversary(nn.Module):
     def step(self, z_s: torch.Tensor, z_t: torch.Tensor, optimizer: torch.optim.Optimizer, rt: Runtime) -> torch.Tensor:
         """One discriminator step on detached logits; returns the weighted D loss (detached).
 
-        D runs under the run's autocast; the losses and the gradient penalty (a double backward)
-        in float32. Across processes D's gradients are averaged before its step."""
+        D and its losses run in float32. Across processes D's gradients are averaged before its step."""
         c, d = self.cfg, self.discriminator
         z_s, z_t = match_size(z_s.detach(), z_t).detach(), z_t.detach()
         optimizer.zero_grad(set_to_none=True)  # nothing from the student's pass may leak into D's step
-        with rt.autocast():
-            d_s, d_t = d(z_s), d(z_t)
+        d_s, d_t = d(z_s), d(z_t)
         if c.adv_loss == "hinge":
             loss = hinge_d_loss(d_t, d_s)
         else:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kdbench.runtime import Runtime, float32  # noqa: F401  (float32: the decorator of every loss function)
+from kdbench.runtime import Runtime, float32, fused_on  # noqa: F401  (float32: the decorator of every loss function)
 
 
 def hparam(

@@ -6,14 +6,10 @@
 set -uo pipefail
 out=${1:-results/gpu}
 mkdir -p "$out"
-methods="-m kd -m cwd -m skd -m ifvd -m attnfd"
+all="-m kd -m cwd -m skd -m ifvd -m attnfd"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-for precision in bf16 fp32; do
-    python3 -m kdbench bench --recipe voc_r101_r18 $methods --device cuda --precision "$precision" \
-        --steps 5 --rounds 5 --warmup 3 --loader-batches 0 --profile "${PROFILE:-0}" --json "$out/voc_$precision.json"
-done
-for precision in bf16 fp32; do
-    python3 -m kdbench bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 $methods --device cuda \
-        --precision "$precision" --steps 3 --rounds 3 --warmup 2 --loader-batches 0 --json "$out/cirkd_$precision.json"
-done
+python3 -m kdbench bench --recipe voc_r101_r18 $all --device cuda --precision bf16 --loader-batches 0 --json "$out/voc_bf16.json"
+python3 -m kdbench bench --recipe voc_r101_r18 -m kd -m attnfd --device cuda --precision fp32 --rounds 3 --loader-batches 0 --json "$out/voc_fp32.json"
+python3 -m kdbench bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd -m skd -m attnfd --device cuda \
+    --precision bf16 --steps 3 --rounds 3 --warmup 2 --loader-batches 0 --json "$out/cirkd_bf16.json"
