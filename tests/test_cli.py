@@ -1,5 +1,6 @@
 """The command line: a real run of the tiny recipe, and bad input as one line with exit code 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -46,9 +47,35 @@ def test_help_and_methods(tmp_path):
     assert "recipe 'tiny' sets" not in kdbench("methods", "--recipe", "tiny", cwd=tmp_path).stdout
 
 
-def test_bench_times_methods_against_floor_and_kd(tmp_path):
-    r = kdbench("bench", "--recipe", "tiny", "--steps", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "--quiet", cwd=tmp_path)
+def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
+    """A GPU machine may lack MLflow and Optuna: bench must not import them."""
+    code = (
+        "import sys; sys.modules['mlflow'] = None; sys.modules['optuna'] = None; "
+        "sys.argv = ['kdbench'] + sys.argv[1:]; from kdbench.cli import main; main()"
+    )
+    args = ["bench", "--recipe", "tiny", "--steps", "1", "--rounds", "3", "--warmup", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "--json", "b.json", "--quiet"]
+    env = {**os.environ, "KDBENCH_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    for row in ("floor", "none", "kd", "attnfd"):
+    for row in ("floor", "none", "kd", "attnfd", "paper", "x floor"):  # AttnFD's paper preset: a CBAM teacher
         assert row in r.stdout
-    assert "paper" in r.stdout  # AttnFD's paper preset is timed with a CBAM teacher
+    assert "images/s with 0 workers" in r.stdout  # the loader line
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["setting"]["device"] == "cpu" and data["setting"]["batch_size"] == 4
+    floor, *rows = data["rows"]
+    assert floor["method"] == "floor" and floor["x_floor"]["rounds"] == [1.0, 1.0, 1.0]
+    for row in rows:  # one ratio per round, each against that round's floor
+        assert len(row["ms_per_step"]["rounds"]) == len(row["x_floor"]["rounds"]) == 3
+        want = [ms / f for ms, f in zip(row["ms_per_step"]["rounds"], floor["ms_per_step"]["rounds"])]
+        assert row["x_floor"]["rounds"] == want
+        assert row["overlaps_floor"] == (min(want) <= 1.0 <= max(want))
+
+
+def test_cuda_asked_for_without_a_gpu_is_one_line_exit_2(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = kdbench("run", "--recipe", "tiny", "--device", "cuda", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: runtime.device: 'cuda' asked for, but torch") and len(r.stderr.strip().splitlines()) == 1, r.stderr
