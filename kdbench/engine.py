@@ -87,8 +87,6 @@ def train_batches(
 ) -> DataLoader:
     """This process's part of batches ``start_step`` .. ``total_steps`` of a run (``batch_size`` is global)."""
     rt = rt or Runtime()
-    if batch_size % rt.world_size:
-        raise UserError(f"train.batch_size: {batch_size} does not split evenly over {rt.world_size} processes")
     sampler = StepSlices(start_step, total_steps, batch_size, rt.rank, rt.world_size)
     # an own generator: otherwise creating the iterator draws from the global RNG (dropout's), and
     # a resumed run would draw at a different step than an uninterrupted one
@@ -146,9 +144,12 @@ class TrainState:
     method_forward: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
-        self.student_forward = self.student_forward or self.student
-        self.teacher_forward = self.teacher_forward or self.teacher
-        self.method_forward = self.method_forward or self.method
+        if self.student_forward is None:
+            self.student_forward = self.student
+        if self.teacher_forward is None:
+            self.teacher_forward = self.teacher
+        if self.method_forward is None:
+            self.method_forward = self.method
 
 
 def build_state(
@@ -164,6 +165,8 @@ def build_state(
     when asked. The method's learnable parts are averaged across processes by the step itself
     (``Runtime.all_reduce_grads``): parts of them freeze and thaw during a run (AttnFD's warm-up) and
     a discriminator has a second backward, neither of which DistributedDataParallel allows."""
+    if cfg.batch_size % rt.world_size:
+        raise UserError(f"train.batch_size: the global batch of {cfg.batch_size} does not split evenly over {rt.world_size} processes")
     student = rt.prepare_module(student)
     teacher = rt.prepare_module(teacher) if teacher is not None else None
     method = rt.prepare_module(method) if method is not None else None

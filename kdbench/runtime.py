@@ -359,6 +359,8 @@ def make_runtime(cfg: Any) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.sync_batchnorm and device.type != "cuda":
+        raise UserError("runtime.sync_batchnorm: SyncBatchNorm needs CUDA (it has no CPU implementation); set it to false")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     channels_last = device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
