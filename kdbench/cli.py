@@ -70,6 +70,8 @@ def run(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     compile_: CompileOpt = None,
+    from_study: Annotated[Optional[str], typer.Option("--from-study", help="Use the best trial of this `kdbench tune` study (its method, preset, --set and values).")] = None,
+    storage: Annotated[str, typer.Option(help="The study's Optuna storage (with --from-study).")] = "sqlite:///optuna.db",
     quiet: QuietOpt = False,
 ) -> None:
     """Distil the teacher into the student with one method and log the run to MLflow.
@@ -84,6 +86,14 @@ def run(
     from kdbench.runtime import is_main_process
 
     overrides = runtime_overrides(device, precision, compile_) + list(set_ or [])
+    if from_study:
+        from kdbench.tune import from_study as best_of
+
+        study_method, study_preset, study_recipe, study_sets = best_of(from_study, storage)
+        if method and method != study_method:
+            raise UserError(f"--from-study: study {from_study!r} tuned {study_method!r}, not {method!r}")
+        method, preset, recipe = study_method, preset or study_preset, recipe or study_recipe
+        overrides = study_sets + overrides  # the user's own --set still wins
     r = load_recipe(recipe, overrides, method=method, preset=preset, seed=seed)
     result = run_fn(r, resume=resume, quiet=quiet)
     if not is_main_process():
@@ -182,6 +192,96 @@ def bench(
     if json_out:
         Path(json_out).write_text(json.dumps(result.to_dict(), indent=1))
         out.print(f"JSON: {json_out}")
+
+
+@app.command()
+def tune(
+    method: Annotated[str, typer.Option("--method", "-m", help="The method whose hyper-parameters are searched.")],
+    param: Annotated[
+        list[str],
+        typer.Option(
+            "--param",
+            "-p",
+            help="Searched parameter (repeatable): NAME (the method's declared range), NAME=LOW:HIGH[:log], "
+            "NAME=int:LOW:HIGH, NAME=a,b,c; NAME may be a recipe key, e.g. train.lr=1e-3:1e-1:log.",
+        ),
+    ],
+    trials: Annotated[int, typer.Option(help="Trials the study should hold (a resumed study runs only the missing ones).")] = 20,
+    study: Annotated[Optional[str], typer.Option(help="Study name; an existing study in --storage is resumed. Default: METHOD-BENCHMARK.")] = None,
+    storage: Annotated[str, typer.Option(help="Optuna storage: sqlite:///FILE.db, postgresql://..., or journal:FILE.log. Never MLflow's own file.")] = "sqlite:///optuna.db",
+    sampler: Annotated[str, typer.Option(help="tpe (seeded), random, grid (over NAME=a,b,c lists), gp or cmaes.")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="median, hyperband or none; trials report every evaluation (train.eval_interval).")] = "median",
+    budget_iters: Annotated[Optional[int], typer.Option(help="Train each trial for this many iterations instead of the recipe's.")] = None,
+    seeds: Annotated[str, typer.Option(help="Seeds averaged per trial, e.g. 0,1.")] = "0",
+    n_jobs: Annotated[int, typer.Option(help="Processes on this machine sharing the study (the same command on other machines shares it too).")] = 1,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Method preset the search starts from.")] = None,
+    worker: Annotated[bool, typer.Option("--worker", hidden=True)] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search a method's hyper-parameters with Optuna; every trial is a run logged to MLflow.
+
+    Trials train on the training split minus a held-out part (data.holdout_fraction, 0.1 unless the
+    recipe sets it) and are scored by its mIoU, never by the val split that tables report. The
+    study is one MLflow parent run (search space, best values, Optuna's plots) with one child run per
+    trial. At the end: the best trials, and a recipe file and command that rerun the best values on
+    the full training split (or `kdbench run --from-study NAME`).
+    """
+    import sys
+
+    from kdbench.recipe import load_recipe
+    from kdbench.tune import StudySpec, parse_param
+    from kdbench.tune import tune as tune_fn
+
+    if sampler not in ("tpe", "random", "grid", "gp", "cmaes"):
+        raise UserError(f"--sampler: expected tpe, random, grid, gp or cmaes, got {sampler!r}")
+    if pruner not in ("median", "hyperband", "none"):
+        raise UserError(f"--pruner: expected median, hyperband or none, got {pruner!r}")
+    if trials < 1 or n_jobs < 1 or (budget_iters is not None and budget_iters < 1):
+        raise UserError("tune: --trials, --n-jobs and --budget-iters must be at least 1")
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise UserError(f"--seeds: expected comma-separated integers, e.g. 0,1, got {seeds!r}") from None
+    base = load_recipe(recipe, list(set_ or []), method=method, preset=preset)
+    params = tuple(parse_param(p, method) for p in param)
+    if len({p.name for p in params}) != len(params):
+        raise UserError("--param: a parameter is named twice")
+    spec = StudySpec(
+        recipe=recipe,
+        method=method,
+        preset=preset,
+        sets=tuple(set_ or []),
+        params=params,
+        trials=trials,
+        study=study or f"{method}-{base.benchmark}",
+        storage=storage,
+        sampler=sampler,  # type: ignore[arg-type]
+        pruner=pruner,  # type: ignore[arg-type]
+        budget_iters=budget_iters,
+        seeds=seed_list,
+    )
+    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    result = tune_fn(spec, quiet=quiet, n_jobs=n_jobs, worker_argv=argv, worker=worker)
+    if worker:
+        return
+    import optuna
+
+    done = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done.sort(key=lambda t: t.value, reverse=True)
+    table = Table(title=f"study {spec.study}: {len(result.study.trials)} trials in {storage} (held-out mIoU, %)")
+    for col in ("rank", "trial", "held-out mIoU", *[p.name for p in params]):
+        table.add_column(col, justify="right")
+    for rank, t in enumerate(done[:10], 1):
+        table.add_row(str(rank), str(t.number), f"{100 * t.value:.2f}", *[f"{t.params[p.name]:.4g}" if isinstance(t.params[p.name], float) else str(t.params[p.name]) for p in params])
+    out.print(table)
+    states = {}
+    for t in result.study.trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    out.print("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())) + f"; MLflow parent run {result.parent_run_id}")
+    if result.command:
+        out.print(f"best values on the full training split: {result.command}   (or: kdbench run --from-study {spec.study} --storage {storage})")
 
 
 @app.command()

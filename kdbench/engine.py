@@ -392,6 +392,9 @@ def run_loop(
             step = state.step
             if step % cfg.log_interval == 0 or step == total:
                 values = {k: float(v) for k, v in logged.items()}  # the one wait for the device per log interval
+                if not math.isfinite(values["loss/total"]):
+                    bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+                    raise FloatingPointError(f"non-finite loss at step {step} ({bad}); lower the lr or the method's weights")
                 elapsed = time.perf_counter() - window_start
                 ips = window_steps * cfg.batch_size / elapsed if elapsed > 0 else 0.0
                 lr = state.optimizer.param_groups[0]["lr"]

@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad input: a recipe key, a missing file, a checkpoint that does not fit. Message says the fix."""
+
+
+class Stopped(Exception):
+    """Raised by a run's ``on_eval`` hook to stop it early (a pruned trial). The run ends KILLED in
+    MLflow, with ``tags`` set on it, not FAILED."""
+
+    def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.tags = dict(tags or {})

@@ -21,7 +21,7 @@ from rich.console import Console
 from kdbench.checkpoint import load, save_atomic
 from kdbench.data import Splits, load_splits, resolve_cache_dir
 from kdbench.engine import LoopHooks, build_state, eval_loader, evaluate, load_state, run_loop
-from kdbench.errors import UserError
+from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import build_model
@@ -288,6 +288,10 @@ def _train(
             _log_final(tracker, recipe, metrics, cm, splits.class_names, model, run_dir, state.step)
     except KeyboardInterrupt:
         tracker.end("KILLED", "interrupted; continue with --resume")
+        raise
+    except Stopped as err:
+        tracker.set_tags(err.tags)
+        tracker.end("KILLED", str(err))
         raise
     except BaseException as err:
         tracker.end("FAILED", "".join(traceback.format_exception_only(err)).strip())

@@ -108,5 +108,8 @@ class NullTracker(Tracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         pass

@@ -116,6 +116,11 @@ class AttnFD(Method):
         },
     }
 
+    structural = {
+        "teacher_attention": "'pretrained' needs a teacher trained with CBAMs inside (another cached teacher)",
+        "layers": "the distilled taps decide the teacher's CBAM taps and the modules a run builds",
+    }
+
     @classmethod
     def teacher_requirements(cls, cfg: AttnFDConfig) -> dict:
         return {"attention_taps": tuple(cfg.layers)} if cfg.teacher_attention == "pretrained" else {}

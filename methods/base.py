@@ -69,6 +69,9 @@ class Method(nn.Module):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: the preset used when the recipe names none
     default_preset: ClassVar[str] = "default"
+    #: options that change the teacher (and its cache key) or the method's structure, with the
+    #: reason: `kdbench tune` refuses to search them
+    structural: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: Any, student: FeatureSpec, teacher: FeatureSpec) -> None:
         super().__init__()
