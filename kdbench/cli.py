@@ -262,7 +262,7 @@ def tune(
         budget_iters=budget_iters,
         seeds=seed_list,
     )
-    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    argv = [a for a in sys.argv[1:] if a not in ("--worker", "--quiet", "-q")] + ["--quiet"]
     result = tune_fn(spec, quiet=quiet, n_jobs=n_jobs, worker_argv=argv, worker=worker)
     if worker:
         return

@@ -1,7 +1,7 @@
 """Recipes: one YAML file says everything about a run; nothing is hidden in scripts.
 
-A recipe is parsed with ``yaml.safe_load``, patched with ``--set a.b=value`` overrides, and turned
-into frozen dataclasses. Every key is checked (unknown key, wrong type, impossible value, missing
+A recipe is parsed with ``read_yaml`` (safe YAML that also reads ``1e-3`` as a number), patched with
+``--set a.b=value`` overrides, and turned into frozen dataclasses. Every key is checked (unknown key, wrong type, impossible value, missing
 file) before any work starts, and a problem is one ``UserError`` line naming the key.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,20 @@ from kdbench.errors import UserError
 from kdbench.runtime import DEVICE_PATTERN
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; every ML user writes learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads scientific notation without a dot (``1e-3``) as a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 DEFAULT_RECIPE = "default"
 
 
@@ -275,7 +290,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=0.02")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -303,7 +318,7 @@ def load_recipe(
     defaults (the recipe's hyper-parameters belong to its method); ``--set`` applies after."""
     path = recipe_path(name_or_path or DEFAULT_RECIPE)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):

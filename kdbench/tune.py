@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from kdbench.errors import Stopped, UserError
-from kdbench.recipe import Recipe, dump_yaml, flatten, load_recipe
+from kdbench.recipe import Recipe, dump_yaml, flatten, load_recipe, read_yaml
 
 #: the held-out fraction a study uses when the recipe holds none out
 DEFAULT_HOLDOUT = 0.1
@@ -64,7 +64,7 @@ class Param:
 
 def _number(text: str, where: str) -> float:
     try:
-        return float(yaml.safe_load(text) if text.strip() else "")
+        return float(read_yaml(text) if text.strip() else "")
     except (TypeError, ValueError, yaml.YAMLError):
         raise UserError(f"--param {where}: {text!r} is not a number") from None
 
@@ -114,7 +114,7 @@ def parse_param(text: str, method: str) -> Param:
             return _checked(Param(name, kind, meta["low"], meta["high"], bool(meta.get("log"))), text)
     parts = spec.split(":")
     if len(parts) == 1:
-        values = tuple(yaml.safe_load(v) if v.strip() else v for v in spec.split(","))
+        values = tuple(read_yaml(v) if v.strip() else v for v in spec.split(","))
         return _checked(Param(name, "categorical", choices=values), text)
     kind: Literal["float", "int"] = "float"
     if parts[0] == "int":
@@ -310,11 +310,11 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
         return statistics.fmean(scores)
 
     workers = []
-    if n_jobs > 1 and worker_argv:
+    if n_jobs > 1 and worker_argv and not worker:
         import subprocess
         import sys
 
-        command = [sys.executable, "-m", "kdbench", *worker_argv, "--worker", "--quiet"]
+        command = [sys.executable, "-m", "kdbench", *worker_argv, "--worker"]
         workers = [subprocess.Popen(command) for _ in range(n_jobs - 1)]
     # every process stops once the study holds the asked number of trials, whoever ran them
     callbacks = [optuna.study.MaxTrialsCallback(spec.trials, states=None)]

@@ -105,3 +105,14 @@ def test_missing_and_broken_recipe_files(tmp_path: Path):
     listy.write_text("- 1\n")
     with pytest.raises(UserError, match="a recipe is a mapping"):
         load_recipe(str(listy))
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """PyYAML alone reads 1e-3 as a string; learning rates are written that way."""
+    r = load_recipe("tiny", ["train.lr=1e-3", "train.weight_decay=5E-4", "method.temperature=2e0"])
+    assert (r.train.lr, r.train.weight_decay, r.method.params["temperature"]) == (0.001, 0.0005, 2.0)
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  lr: 2e-2\n")
+    assert load_recipe(str(path)).train.lr == 0.02
+    with pytest.raises(UserError, match="train.iterations: expected int, got 10.0"):  # a float, not a count
+        load_recipe(str(path), ["train.iterations=1e1"])
