@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -290,8 +289,8 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
         for i, seed in enumerate(spec.seeds):
             recipe = spec.recipe_for(values, seed)
 
-            def report(step: int, metrics: Any, first_seed: bool = i == 0) -> None:
-                if first_seed:  # pruning judges the first seed's curve
+            def report(step: int, metrics: Any, first_seed: bool = i == 0, total: int = recipe.train.iterations) -> None:
+                if first_seed and step < total:  # pruning judges the first seed's curve, before its end
                     trial.report(metrics.miou, step)
                     if trial.should_prune():
                         raise Stopped(f"pruned at step {step} (held-out mIoU {metrics.miou:.4f})", {"kdbench.trial_state": "pruned"})
@@ -347,19 +346,20 @@ def _spec_dict(spec: StudySpec) -> dict[str, Any]:
 
 
 def _finish(spec: StudySpec, study: Any, tracker: Any, first: Recipe) -> StudyResult:
-    """Best value and params, Optuna's plots and the trials table on the parent run; the best
-    configuration as a recipe file beside the storage and as a command."""
+    """Best value and params on the parent run; Optuna's plots, the trials table and the best
+    configuration as a recipe file beside the storage (and as artifacts), and the rerun command."""
     import optuna
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     tracker.log_metrics({f"trials/{k}": v for k, v in counts.items()}, len(study.trials))
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = Path(tmp) / "trials.csv"
-        study.trials_dataframe().to_csv(csv, index=False)
-        tracker.log_file(csv)
-        for path in save_plots(study, Path(tmp)):
-            tracker.log_file(path, "plots")
+    folder = best_recipe_path(spec).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    csv = folder / f"{spec.study}-trials.csv"
+    study.trials_dataframe().to_csv(csv, index=False)
+    tracker.log_file(csv)
+    for path in save_plots(study, folder, prefix=f"{spec.study}-"):
+        tracker.log_file(path, "plots")
     if not complete:
         return StudyResult(study, tracker.run_id, None, None)
     best = study.best_trial
@@ -381,7 +381,7 @@ def best_recipe_path(spec: StudySpec) -> Path:
     return folder / f"{spec.study}-best.yaml"
 
 
-def save_plots(study: Any, folder: Path) -> list[Path]:
+def save_plots(study: Any, folder: Path, prefix: str = "") -> list[Path]:
     """Optuna's optimisation history, parameter importances and slice plot as PNG files."""
     import matplotlib
 
@@ -405,7 +405,7 @@ def save_plots(study: Any, folder: Path) -> list[Path]:
         fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
         fig.set_size_inches(7, 4.5)
         fig.tight_layout()
-        path = folder / f"{name}.png"
+        path = folder / f"{prefix}{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out.append(path)

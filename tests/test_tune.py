@@ -100,7 +100,8 @@ def test_a_study_logs_prunes_resumes_and_reruns_its_best(workdir):
     assert study.user_attrs["mlflow_parent_run_id"] == parent_id
     assert parent.iloc[0]["metrics.best_holdout_miou"] == pytest.approx(study.best_value)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id)}
-    assert {"trials.csv", "plots", "attnfd-tiny-best.yaml"} <= artifacts
+    assert {"attnfd-tiny-trials.csv", "plots", "attnfd-tiny-best.yaml"} <= artifacts
+    assert (workdir / "attnfd-tiny-optimization_history.png").is_file() and (workdir / "attnfd-tiny-slice.png").is_file()
     children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
     assert sorted(children["tags.kdbench.trial"].astype(int)) == [0, 1, 2, 3]
     assert set(children["tags.eval_split"]) == {"holdout"} and set(children["params.data.holdout_fraction"]) == {"0.1"}
