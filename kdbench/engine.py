@@ -262,7 +262,18 @@ def eval_loader(dataset: Dataset, cfg: EvalConfig, rt: Runtime | None = None, wo
     """This process's share of a split (every W-th image), kept for the whole run."""
     rt = rt or Runtime()
     part = Subset(dataset, range(rt.rank, len(dataset), rt.world_size)) if rt.distributed else dataset
-    return DataLoader(part, batch_size=cfg.batch_size, shuffle=False, num_workers=workers, pin_memory=rt.cuda, persistent_workers=workers > 0)
+    # an own generator: a loader draws its workers' seed when iterated, from the global RNG (dropout's)
+    # if it has none; a persistent loader draws once per run, a new one once per evaluation, so a
+    # resumed run would draw a different number of times than an uninterrupted one
+    return DataLoader(
+        part,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=rt.cuda,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 @torch.no_grad()

@@ -43,8 +43,10 @@ def test_run_logs_everything_a_table_needs(workdir):
     assert (_runs()["tags.kdbench.role"] == "teacher").sum() == 1
 
 
-def test_resume_equals_uninterrupted(workdir):
-    sets = ["train.iterations=6", "train.checkpoint_interval=2", "train.eval_interval=3"]
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_equals_uninterrupted(workdir, workers):
+    # evaluations on both sides of the kill: the resumed run evaluates with a new loader
+    sets = ["train.iterations=8", "train.checkpoint_interval=3", "train.eval_interval=2", f"data.workers={workers}"]
     full = run(load_recipe("tiny", sets + ["output_dir=full"]), quiet=True)
 
     recipe = load_recipe("tiny", sets + ["output_dir=killed"])
@@ -56,7 +58,7 @@ def test_resume_equals_uninterrupted(workdir):
     with pytest.raises(Kill):
         run(recipe, quiet=True, after_step=kill_at_5)
     ckpt = torch.load(workdir / "killed" / f"kd-{recipe.hash()}" / "last.pt", weights_only=True)
-    assert ckpt["step"] == 4  # the last checkpoint before the kill
+    assert ckpt["step"] == 3  # the last checkpoint before the kill
     assert mlflow.get_run(ckpt["mlflow_run_id"]).info.status == "FAILED"
     resumed = run(recipe, quiet=True, resume=True)
     assert resumed.run_id == ckpt["mlflow_run_id"]  # the same MLflow run continues
