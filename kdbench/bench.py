@@ -134,8 +134,7 @@ def benchmark(
     rt = make_runtime(recipe.runtime)
     if rt.distributed:
         raise UserError("bench: run it as one process (it times one device); torchrun is for `kdbench run`")
-    names = class_names(recipe.data.dataset)
-    k = len(names)
+    k = len(class_names(recipe.data.dataset))
     rows_plan = plan(recipe, methods)
     batches = _random_batches(recipe, k, max(steps, warmup, 1), rt)
     teachers: dict[str, torch.nn.Module] = {}

@@ -276,10 +276,8 @@ def tune(
     for rank, t in enumerate(done[:10], 1):
         table.add_row(str(rank), str(t.number), f"{100 * t.value:.2f}", *[f"{t.params[p.name]:.4g}" if isinstance(t.params[p.name], float) else str(t.params[p.name]) for p in params])
     out.print(table)
-    states = {}
-    for t in result.study.trials:
-        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-    out.print("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(states.items())) + f"; MLflow parent run {result.parent_run_id}")
+    states = ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items()) if n)
+    out.print(f"trials: {states}; MLflow parent run {result.parent_run_id}")
     if result.command:
         out.print(f"best values on the full training split: {result.command}   (or: kdbench run --from-study {spec.study} --storage {storage})")
 

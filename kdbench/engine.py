@@ -358,7 +358,7 @@ def load_state(state: TrainState, ckpt: dict[str, Any]) -> None:
 def run_loop(
     state: TrainState,
     train_set: Dataset,
-    eval_set: Dataset | None,
+    evaluation: DataLoader | None,
     num_classes: int,
     train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
@@ -369,7 +369,8 @@ def run_loop(
     progress: bool = True,
     label: str = "training",
 ) -> None:
-    """Train from ``state.step`` to ``total_steps``, evaluating and checkpointing on the way.
+    """Train from ``state.step`` to ``total_steps``, evaluating (``evaluation``: an ``eval_loader``)
+    and checkpointing on the way.
 
     Only the main process writes checkpoints; every process takes part in making them. Loss values
     are read from the device at log intervals only."""
@@ -382,8 +383,6 @@ def run_loop(
             ckpt = state_dict(state)
             if rt.is_main:
                 save_atomic({**ckpt, **hooks.checkpoint_extra}, checkpoint_path)
-
-    evaluation = eval_loader(eval_set, eval_cfg, rt, workers) if eval_set is not None else None
 
     def do_eval() -> None:
         if evaluation is None:

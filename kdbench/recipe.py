@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from kdbench.errors import UserError
-from kdbench.runtime import DEVICE_PATTERN
+from kdbench.runtime import check_device_setting
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -380,8 +380,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.scale_range: expected 0 < low <= high, got {list(d.scale_range)}")
     if not recipe.eval.scales or min(recipe.eval.scales) <= 0:
         raise UserError(f"eval.scales: expected positive scales, got {list(recipe.eval.scales)}")
-    if not DEVICE_PATTERN.match(recipe.runtime.device):
-        raise UserError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {recipe.runtime.device!r}")
+    check_device_setting(recipe.runtime.device)
     if t.nesterov and t.momentum == 0:
         raise UserError("train.nesterov: Nesterov momentum needs train.momentum > 0")
     for section in ("teacher", "student"):

@@ -255,6 +255,7 @@ def _train(
     run_id = tracker.start(run_name, tags, flatten(recipe.to_dict()), run_id=run_id, parent_run_id=parent_run_id)
     start = time.perf_counter()
     workers = rt.loader_workers(d.workers)
+    evaluation = eval_loader(eval_set, recipe.eval, rt, workers)  # one for the whole run: its workers persist
 
     def eval_hook(step: int, metrics: SegMetrics) -> None:
         if on_eval is not None:
@@ -270,7 +271,7 @@ def _train(
         run_loop(
             state,
             splits.train,
-            eval_set,
+            evaluation,
             splits.num_classes,
             train_cfg,
             recipe.eval,
@@ -281,8 +282,7 @@ def _train(
             progress=not quiet,
             label=f"{role} {run_name}",
         )
-        loader = eval_loader(eval_set, recipe.eval, rt, workers)
-        metrics, cm = evaluate(model, loader, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
+        metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
         eval_hook(state.step, metrics)
         if rt.is_main:
             _log_final(tracker, recipe, metrics, cm, splits.class_names, model, run_dir, state.step)

@@ -316,11 +316,17 @@ def is_main_process() -> bool:
     return process_env()[0] == 0
 
 
+def check_device_setting(setting: str) -> str:
+    """The spelling of ``runtime.device`` (checked when a recipe loads, before any GPU is looked for)."""
+    if not DEVICE_PATTERN.match(setting):
+        raise UserError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {setting!r}")
+    return setting
+
+
 def resolve_device(setting: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """``auto``: this process's GPU when there is one, else the CPU. A GPU asked for but absent is a
     UserError, so the CLI prints one line instead of training on the CPU by surprise."""
-    if not DEVICE_PATTERN.match(setting):
-        raise UserError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {setting!r}")
+    check_device_setting(setting)
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +163,15 @@ class StudySpec:
         return load_recipe(self.recipe, sets, method=self.method, preset=self.preset, seed=seed)
 
 
-def default_storage() -> str:
-    return "sqlite:///optuna.db"
+def _is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith(".log")
+
+
+def _storage_file(url: str) -> Path | None:
+    """The file a storage lives in (an SQLite database or a journal), None for a server."""
+    if url.startswith("sqlite:///"):
+        return Path(url.split("///", 1)[1])
+    return Path(url.removeprefix("journal:")) if _is_journal(url) else None
 
 
 def resolve_storage(url: str) -> Any:
@@ -171,26 +179,19 @@ def resolve_storage(url: str) -> Any:
     (journal:PATH or a path ending in .log), which works without a database server."""
     import optuna
 
-    mlflow_uri = _mlflow_uri()
-    if url.startswith("sqlite") and mlflow_uri and Path(url.split("///", 1)[-1]).resolve() == Path(mlflow_uri.split("///", 1)[-1]).resolve():
+    own, mlflows = _storage_file(url), _storage_file(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    if own is not None and mlflows is not None and own.resolve() == mlflows.resolve():
         raise UserError(f"--storage: {url} is MLflow's store; Optuna and MLflow cannot share one SQLite file (use e.g. sqlite:///optuna.db)")
-    if url.startswith("journal:") or url.endswith(".log"):
+    if _is_journal(url):
         from optuna.storages.journal import JournalFileBackend
 
-        path = url.removeprefix("journal:")
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
+        return optuna.storages.JournalStorage(JournalFileBackend(str(own)))
     try:
         # several processes on one SQLite file wait for each other's writes instead of failing
         kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60 if not url.startswith("sqlite") else None)
     except Exception as err:
         raise UserError(f"--storage: cannot open {url} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-
-
-def _mlflow_uri() -> str | None:
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def make_sampler(spec: StudySpec) -> Any:
@@ -229,6 +230,8 @@ class StudyResult:
     parent_run_id: str | None
     best_recipe_path: Path | None
     command: str | None
+    #: trials per state (complete, pruned, fail, running, ...)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: list[str] | None = None, worker: bool = False) -> StudyResult:
@@ -240,7 +243,8 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
     import optuna
 
     from kdbench.data import load_splits
-    from kdbench.run import ensure_teacher
+    from kdbench.methods import get_method_class
+    from kdbench.run import ensure_teacher, run
     from kdbench.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -248,8 +252,6 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
     first = spec.recipe_for(some, spec.seeds[0])
     # the teacher is trained once, before any trial (several workers must not train it together),
     # on the whole training split as for any run: only the student's tuning holds images out
-    from kdbench.methods import get_method_class
-
     if get_method_class(spec.method).needs_teacher:
         full = spec.recipe_for(some, spec.seeds[0], tuning=False)
         ensure_teacher(full, load_splits(full, progress=not quiet), quiet)
@@ -295,8 +297,6 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
                     if trial.should_prune():
                         raise Stopped(f"pruned at step {step} (held-out mIoU {metrics.miou:.4f})", {"kdbench.trial_state": "pruned"})
 
-            from kdbench.run import run
-
             tags = {"kdbench.trial": str(trial.number), "study": spec.study}
             try:
                 result = run(recipe, quiet=True, parent_run_id=parent, eval_split="holdout", on_eval=report, extra_tags=tags)
@@ -327,7 +327,7 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
         w.wait()
     if worker:
         return StudyResult(study, parent, None, None)
-    result = _finish(spec, study, tracker, first)
+    result = _finish(spec, study, tracker)
     if interrupted:
         tracker.end("KILLED", "interrupted; the finished trials are kept in the study storage")
         raise KeyboardInterrupt
@@ -345,7 +345,7 @@ def _spec_dict(spec: StudySpec) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=list))
 
 
-def _finish(spec: StudySpec, study: Any, tracker: Any, first: Recipe) -> StudyResult:
+def _finish(spec: StudySpec, study: Any, tracker: Any) -> StudyResult:
     """Best value and params on the parent run; Optuna's plots, the trials table and the best
     configuration as a recipe file beside the storage (and as artifacts), and the rerun command."""
     import optuna
@@ -361,7 +361,7 @@ def _finish(spec: StudySpec, study: Any, tracker: Any, first: Recipe) -> StudyRe
     for path in save_plots(study, folder, prefix=f"{spec.study}-"):
         tracker.log_file(path, "plots")
     if not complete:
-        return StudyResult(study, tracker.run_id, None, None)
+        return StudyResult(study, tracker.run_id, None, None, counts)
     best = study.best_trial
     tracker.log_metrics({"best_holdout_miou": best.value, "best_trial": best.number}, len(study.trials))
     tracker.set_tags({f"best.{k}": str(v) for k, v in best.params.items()})
@@ -371,14 +371,13 @@ def _finish(spec: StudySpec, study: Any, tracker: Any, first: Recipe) -> StudyRe
     path.write_text(f"# the best trial ({best.number}) of study {spec.study!r}, on the full training split\n" + dump_yaml(recipe))
     tracker.log_file(path)
     command = f"kdbench run --recipe {path}"
-    return StudyResult(study, tracker.run_id, path, command)
+    return StudyResult(study, tracker.run_id, path, command, counts)
 
 
 def best_recipe_path(spec: StudySpec) -> Path:
     """``<storage folder>/<study>-best.yaml`` for a file storage; ./ otherwise."""
-    url = spec.storage
-    folder = Path(url.split("///", 1)[1]).parent if url.startswith("sqlite:///") else Path(url.removeprefix("journal:")).parent if (url.startswith("journal:") or url.endswith(".log")) else Path(".")
-    return folder / f"{spec.study}-best.yaml"
+    file = _storage_file(spec.storage)
+    return (file.parent if file is not None else Path(".")) / f"{spec.study}-best.yaml"
 
 
 def save_plots(study: Any, folder: Path, prefix: str = "") -> list[Path]:
