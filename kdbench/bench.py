@@ -171,6 +171,8 @@ def benchmark(
                 row.ms.append(1000 * (time.perf_counter() - start) / steps)
                 if rt.cuda:
                     peak = (torch.cuda.max_memory_allocated(rt.device) - base) / 2**20
+                    if state.step_graph is not None:  # a replay allocates nothing: its capture did
+                        peak = max(peak, state.step_graph.capture_mib)
                     row.step_mib = max(row.step_mib or 0.0, peak)
                 bar.advance(task)
             floor = rows[0].ms[-1]

@@ -27,7 +27,8 @@ from kdbench.metrics import SegMetrics, confusion_matrix
 from kdbench.methods import Method
 from kdbench.progress import make_progress
 from kdbench.recipe import EvalConfig, TrainConfig
-from kdbench.runtime import Runtime, float32, fused_on, graphed
+from kdbench.cuda_graphs import StepGraph, graphed, portable
+from kdbench.runtime import Runtime, float32, fused_on
 
 IGNORE = 255
 
@@ -142,6 +143,8 @@ class TrainState:
     student_forward: Callable[..., Any] | None = None
     teacher_forward: Callable[..., Any] | None = None
     method_forward: Callable[..., Any] | None = None
+    #: the whole step as a CUDA graph (one GPU, bf16/fp32, not compiled), else None
+    step_graph: StepGraph | None = None
 
     def __post_init__(self) -> None:
         if self.student_forward is None:
@@ -183,7 +186,7 @@ def build_state(
         student_forward = torch.compile(student_forward)
         teacher_forward = torch.compile(teacher) if teacher is not None else None
         method_forward = torch.compile(method) if method is not None else None
-    return TrainState(
+    state = TrainState(
         student=student,
         method=method,
         teacher=teacher,
@@ -196,6 +199,16 @@ def build_state(
         teacher_forward=teacher_forward,
         method_forward=method_forward,
     )
+    if rt.cuda and rt.cuda_graphs and not (rt.compile or rt.distributed or rt.precision == "fp16"):
+        # across processes DDP's bucketed all-reduce and under fp16 the GradScaler's inf checks
+        # need the host between kernels; there only the teacher's forward is a graph
+        state.step_graph = StepGraph(
+            lambda images, target, whole: update(state, images, target, whole),
+            lambda: [state.optimizer, *(method._own_optimizers.values() if method is not None else [])],
+            lambda: tuple(p.requires_grad for p in method.parameters()) if method is not None else (),
+            rt,
+        )
+    return state
 
 
 @float32
@@ -205,18 +218,34 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimisation step; returns every loss term (weighted) and the total as detached 0-dim
-    tensors. Nothing here waits for the GPU: the caller reads the values when it logs them."""
+    tensors. Nothing here waits for the GPU: the caller reads the values when it logs them (before
+    the next step, whose CUDA graph replay overwrites them)."""
     rt, method = state.runtime, state.method
     state.student.train()
     if method is not None:
         method.train()
         method.on_step(state.step, state.total_steps, state.steps_per_epoch)
     images, target = rt.to_device(images, target)
+    if state.step_graph is not None:
+        logged = state.step_graph(images, target)
+    else:
+        logged = update(state, images, target)
+    state.scheduler.step()
+    state.step += 1
+    return logged
+
+
+def update(state: TrainState, images: torch.Tensor, target: torch.Tensor, whole_step_graph: bool = False) -> dict[str, torch.Tensor]:
+    """The update of a step (forwards, losses, backwards, the optimizers' steps): what a step's CUDA
+    graph captures. ``whole_step_graph``: called to capture (or warm up) the whole step, so the
+    teacher runs as itself, not as its own graph."""
+    rt, method = state.runtime, state.method
+    teacher_forward = state.teacher if whole_step_graph else state.teacher_forward
     t_out: dict[str, torch.Tensor] = {}
     with rt.autocast():
         if state.teacher is not None and (method is None or method.needs_teacher):
             with torch.no_grad():
-                t_out = state.teacher_forward(images)
+                t_out = teacher_forward(images)
         s_out = state.student_forward(images)
         terms = {"task": task_loss(s_out["out"], target)}
         if method is not None:
@@ -227,13 +256,11 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) ->
     if method is not None and rt.distributed:
         rt.all_reduce_grads(method.student_parameters())
     rt.step(state.optimizer)
-    state.scheduler.step()
     logged = {f"loss/{k}": v.detach() for k, v in terms.items()}
     logged["loss/total"] = total.detach()
     if method is not None:
         detached = {k: v.detach() for k, v in s_out.items()}
         logged.update({f"loss/{k}": v for k, v in method.own_step(detached, t_out, target, rt).items()})
-    state.step += 1
     return logged
 
 
@@ -333,8 +360,8 @@ def state_dict(state: TrainState) -> dict[str, Any]:
         "student": state.student.state_dict(),
         "method": state.method.state_dict() if state.method is not None else {},
         "method_optimizers": state.method.optimizer_state() if state.method is not None else {},
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
+        "optimizer": portable(state.optimizer.state_dict()),
+        "scheduler": portable(state.scheduler.state_dict()),
         "scalers": state.runtime.scaler_states(),
         "step": state.step,
         "history": state.history,
@@ -407,7 +434,7 @@ def run_loop(
                     raise FloatingPointError(f"non-finite loss at step {step} ({bad}); lower the lr or the method's weights")
                 elapsed = time.perf_counter() - window_start
                 ips = window_steps * cfg.batch_size / elapsed if elapsed > 0 else 0.0
-                lr = state.optimizer.param_groups[0]["lr"]
+                lr = float(state.optimizer.param_groups[0]["lr"])
                 hooks.log({**values, "lr": lr, "throughput/images_per_s": ips}, step)
                 window_start, window_steps = time.perf_counter(), 0
                 bar.update(task, loss=values["loss/total"], lr=lr, ips=ips)

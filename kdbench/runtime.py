@@ -63,68 +63,6 @@ def fused_on(module: nn.Module) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the teacher's forward as one CUDA graph
-
-
-class GraphedForward:
-    """A frozen module's forward (eval mode, no grad, fixed input shape) replayed as one CUDA graph.
-
-    The teacher's forward is the largest block of kernel launches in a distillation step and never
-    changes, so capturing it once removes its host cost. Its outputs are static buffers that the
-    next replay overwrites: a step reads them before the next step starts. A new input shape or
-    dtype captures again; a capture that fails falls back to the plain forward."""
-
-    def __init__(self, module: nn.Module, rt: Runtime) -> None:
-        self.module, self.rt = module, rt
-        self.key: tuple[Any, ...] | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.failed = False
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        if self.failed or self.module.training or torch.is_grad_enabled():
-            return self.module(x)
-        key = (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last))
-        if key != self.key:
-            self._capture(x, key)
-            if self.failed:
-                return self.module(x)
-        self.static_in.copy_(x)
-        self.graph.replay()
-        return self.static_out
-
-    def _cast(self) -> Any:
-        # autocast's weight-cast cache must be off while capturing (the graph must hold the casts)
-        rt = self.rt
-        return torch.autocast("cuda", dtype=DTYPES[rt.precision], cache_enabled=False) if rt.precision != "fp32" else nullcontext()
-
-    def _capture(self, x: torch.Tensor, key: tuple[Any, ...]) -> None:
-        self.static_in = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(side), self._cast():  # warm-up: cudnn autotuning, lazy init
-                for _ in range(2):
-                    self.module(self.static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), self._cast():
-                self.static_out = self.module(self.static_in)
-            self.key = key
-        except RuntimeError as err:  # an op that cannot be captured: keep the plain forward
-            import warnings
-
-            warnings.warn(f"teacher forward not captured as a CUDA graph ({str(err).splitlines()[0][:200]}); running it eagerly")
-            self.failed, self.graph = True, None
-
-
-def graphed(module: nn.Module, rt: Runtime) -> GraphedForward:
-    """One graph per module, shared by every state that uses it (the benchmark's rows)."""
-    if "_kdbench_graphed" not in module.__dict__:
-        module.__dict__["_kdbench_graphed"] = GraphedForward(module, rt)
-    return module.__dict__["_kdbench_graphed"]
-
-
-# ---------------------------------------------------------------------------------------------
 # the runtime
 
 
@@ -137,12 +75,14 @@ class Runtime:
     compile: bool = False
     channels_last: bool = False
     sync_batchnorm: bool = False
+    #: training steps (or, where a step cannot be captured, the teacher's forward) as CUDA graphs
     cuda_graphs: bool = False
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     _scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict, repr=False)
+    _graph_pool: Any = field(default=None, repr=False)
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -200,7 +140,19 @@ class Runtime:
     def autocast(self) -> Any:
         if self.precision == "fp32":
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+        # autocast's cache of cast weights must be off where steps are CUDA graphs: the graph must
+        # hold the casts themselves, not tensors cast before it was captured
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision], cache_enabled=not self.cuda_graphs)
+
+    def graph_pool(self) -> Any:
+        """One memory pool for the CUDA graphs of this process's training steps. Graphs replay one
+        at a time, and what one leaves for the next is never in the pool (weights, optimizer state
+        and BatchNorm statistics are allocated outside it; gradients and logged losses are written
+        by every replay before they are read), so they can share their temporaries: the benchmark's
+        twenty graphed rows then fit on one GPU."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
 
     def synchronize(self) -> None:
         if self.cuda:

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from kdbench.cuda_graphs import set_lr
+
 from .base import Method, Runtime, float32, fused_on, hparam
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class Adversary(nn.Module):
         if self.cfg.adv_lr_power > 0 and total_steps > 0:
             lr = self.cfg.adv_lr * max(0.0, 1 - step / total_steps) ** self.cfg.adv_lr_power
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                set_lr(group, lr)  # in place where a CUDA graph of the step reads it
 
 
 class AdversarialMethod(Method):

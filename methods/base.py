@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kdbench.cuda_graphs import portable
 from kdbench.runtime import Runtime, float32, fused_on  # noqa: F401  (float32: the decorator of every loss function)
 
 
@@ -121,11 +122,16 @@ class Method(nn.Module):
         return {}
 
     def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        """Told the current step before each training step (for warm-ups and freezes)."""
+        """Told the current step before each training step (for warm-ups and freezes).
+
+        On a GPU the step after it is a replayed CUDA graph (``kdbench.cuda_graphs``): what this
+        changes must be ``requires_grad`` flags (a new set of flags captures the step again), a
+        tensor changed in place, or a learning rate set with ``set_lr``; a Python number the
+        forward reads would stay at its value when the step was captured."""
 
     # -- checkpointing -------------------------------------------------------------------
     def optimizer_state(self) -> dict[str, Any]:
-        return {k: opt.state_dict() for k, opt in self._own_optimizers.items()}
+        return {k: portable(opt.state_dict()) for k, opt in self._own_optimizers.items()}
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         for k, opt in self._own_optimizers.items():
