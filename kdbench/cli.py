@@ -282,6 +282,55 @@ def tune(
         out.print(f"best values on the full training split: {result.command}   (or: kdbench run --from-study {spec.study} --storage {storage})")
 
 
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """``0,1,2`` or ``0-4`` (or both: ``0-2,7``)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    except ValueError:
+        raise UserError(f"{option}: expected seeds like 0,1,2 or 0-4, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"{option}: expected distinct seeds like 0,1,2 or 0-4, got {text!r}")
+    return tuple(seeds)
+
+
+@app.command()
+def sweep(
+    method: Annotated[list[str], typer.Option("--method", "-m", help="NAME or NAME:PRESET (repeatable); `none` is the plain student.")],
+    seeds: Annotated[str, typer.Option(help="Seeds of every method: 0,1,2 or 0-4.")] = "0",
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="Recipe(s) of the grid (repeatable); default: the embedded benchmark.")] = None,
+    set_: SetOpt = None,
+    name: Annotated[Optional[str], typer.Option(help="Sweep name (its work list in --storage); default: sweep-BENCHMARK.")] = None,
+    storage: Annotated[str, typer.Option(help="Optuna storage holding the work list: sqlite:///FILE.db, postgresql://... or journal:FILE.log; shared by workers on other machines.")] = "sqlite:///optuna.db",
+    reclaim: Annotated[bool, typer.Option(help="Rerun cells left RUNNING by a worker that died (only when no other worker is running).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a grid of methods x seeds (x recipes): the runs of a comparison table.
+
+    A cell MLflow already holds as FINISHED (same resolved recipe) is skipped, so rerunning the
+    command fills only the holes. A failed cell does not stop the others; failures are listed at
+    the end (exit code 1). Workers on several machines that run the same command with a shared
+    --storage (and MLflow store) split the grid without running a cell twice. Then: `kdbench table`.
+    """
+    from kdbench.sweep import SweepSpec
+    from kdbench.sweep import sweep as sweep_fn
+
+    spec = SweepSpec(tuple(method), parse_seeds(seeds), tuple(recipe or [None]), tuple(set_ or []), name, storage, reclaim)
+    result = sweep_fn(spec, quiet=quiet, echo=out.print)
+    table = Table(title=f"{result.study.split(':', 1)[1]}: {result.count('ran')} ran, {result.count('done')} already done, "
+                  f"{result.count('failed')} failed, {result.count('elsewhere')} with other workers")
+    for col in ("cell", "state", "mIoU", "seconds", "error"):
+        table.add_column(col, justify="right" if col in ("mIoU", "seconds") else "left")
+    for r in result.results:
+        miou = f"{100 * r.miou:.2f}" if r.miou is not None else ""
+        table.add_row(r.cell.label, r.state, miou, f"{r.seconds:.0f}" if r.seconds else "", r.error)
+    out.print(table)
+    if result.count("failed"):
+        raise typer.Exit(1)
+
+
 @app.command()
 def methods(recipe: RecipeOpt = None) -> None:
     """List the distillation methods with their presets and hyper-parameters (defaults, search ranges),
@@ -314,6 +363,38 @@ def methods(recipe: RecipeOpt = None) -> None:
             table.caption += f"\nrecipe {r.benchmark!r} sets: {settings}"
         table.caption_justify = "left"
         out.print(table)
+
+
+@app.command()
+def plot(
+    kind: Annotated[str, typer.Argument(help="per-class, predictions, attention or curves.")],
+    experiment: Annotated[Optional[str], typer.Option("--experiment", "-e", help="MLflow experiment whose finished student runs are plotted; default: every kdbench-* experiment.")] = None,
+    run_: Annotated[Optional[list[str]], typer.Option("--run", help="Plot exactly these MLflow run ids (repeatable) instead of an experiment's runs.")] = None,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Folder the PNG files go to.")] = "figures",
+    images: Annotated[Optional[str], typer.Option("--images", help="Val image indices for predictions/attention, e.g. 0,3,7 (default: 0,1,2 / 0).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="attention: the AttnFD layer (backbone, encoder, decoder); default: the run's first.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")] = None,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Also log each figure to the runs it shows, under figures/.")] = True,
+) -> None:
+    """Figures from MLflow runs, written as PNG files and logged to the runs they show.
+
+    per-class: per-class IoU bars, one color per method/preset (mean over seeds). predictions: val
+    images, ground truth and each method's prediction (the plain student first, the teacher last).
+    attention: an AttnFD run's teacher and student feature maps before and after refinement.
+    curves: val mIoU and every loss term against step, one line per run. The qualitative figures
+    load each run's checkpoint, so run them where the runs were trained.
+    """
+    from kdbench.plots import KINDS
+    from kdbench.plots import plot as plot_fn
+
+    if kind not in KINDS:
+        raise UserError(f"plot: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    for path in plot_fn(kind, experiment=experiment, run_ids=list(run_ or []), out_dir=out_dir, images=images, layer=layer, log=log):
+        out.print(str(path))
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from kdbench.metrics import SegMetrics
 from kdbench.models import build_model
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
+from kdbench.schema import Role, Tag
 from kdbench.tracking import NullTracker, Tracker
 
 console = Console(stderr=True)
@@ -167,7 +168,7 @@ def run(
     student = build_model(recipe.student, splits.num_classes)
     _, cfg = resolve_config(m.name, m.preset, m.params)
     method = method_for(m.name, cfg, student, teacher, splits.num_classes)
-    tags = {"kdbench.role": "student", "teacher.miou": f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}
+    tags = {Tag.ROLE: Role.STUDENT, Tag.TEACHER_MIOU: f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}
     return _train(
         recipe,
         role="student",
@@ -240,15 +241,16 @@ def _train(
     tracker = Tracker(recipe.tracking.uri, experiment) if rt.is_main else NullTracker()
     d = recipe.data
     tags = {
-        "kdbench.role": role,
-        "method": method_name,
-        "preset": str(recipe.method.preset) if role == "student" else "-",
-        "dataset": d.dataset,
-        "teacher": f"{recipe.teacher.arch}/{recipe.teacher.backbone}",
-        "student": f"{model_cfg.arch}/{model_cfg.backbone}",
-        "seed": str(seed),
-        "recipe.hash": recipe.hash(),
-        "eval_split": eval_split,
+        Tag.ROLE: role,
+        Tag.METHOD: method_name,
+        Tag.PRESET: str(recipe.method.preset) if role == Role.STUDENT else "-",
+        Tag.DATASET: d.dataset,
+        Tag.TEACHER: f"{recipe.teacher.arch}/{recipe.teacher.backbone}",
+        Tag.STUDENT: f"{model_cfg.arch}/{model_cfg.backbone}",
+        Tag.SEED: str(seed),
+        Tag.RECIPE_HASH: recipe.hash(),
+        Tag.EVAL_SPLIT: eval_split,
+        **({Tag.CHECKPOINT: str(ckpt_path.resolve())} if role == Role.STUDENT else {}),  # `kdbench plot` loads it
         **rt.describe(),
         **(extra_tags or {}),
     }

@@ -12,6 +12,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 import kdbench
+from kdbench.schema import Tag, encode_param
 
 
 def git_commit() -> str:
@@ -44,12 +45,12 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         if run_id is None:
-            tags = {**tags, "kdbench.version": kdbench.__version__, "git.commit": git_commit()}
+            tags = {**tags, Tag.VERSION: kdbench.__version__, Tag.COMMIT: git_commit()}
             if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
+                tags[Tag.PARENT] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            items = [mlflow.entities.Param(k, _param(v)) for k, v in params.items()]
+            items = [mlflow.entities.Param(k, encode_param(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
         else:
@@ -79,13 +80,8 @@ class Tracker:
         if self.run_id is None:
             return
         if error:
-            self.client.set_tag(self.run_id, "error", error[:5000])
+            self.client.set_tag(self.run_id, Tag.ERROR, error[:5000])
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
-
-
-def _param(v: Any) -> str:
-    s = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
-    return s[:6000]
 
 
 def _metric_key(k: str) -> str:

@@ -24,6 +24,7 @@ import yaml
 
 from kdbench.errors import Stopped, UserError
 from kdbench.recipe import Recipe, dump_yaml, flatten, load_recipe, read_yaml
+from kdbench.schema import Role, Tag
 
 #: the held-out fraction a study uses when the recipe holds none out
 DEFAULT_HOLDOUT = 0.1
@@ -278,7 +279,7 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
         "method": spec.method,
         "sets": list(spec.sets),
     }
-    tags = {"kdbench.role": "study", "method": spec.method, "preset": str(first.method.preset), "dataset": first.data.dataset, "study": spec.study}
+    tags = {Tag.ROLE: Role.STUDY, Tag.METHOD: spec.method, Tag.PRESET: str(first.method.preset), Tag.DATASET: first.data.dataset, Tag.STUDY: spec.study}
     parent = tracker.start(f"study-{spec.study}", tags, params, run_id=parent)
     if "mlflow_parent_run_id" not in study.user_attrs:
         study.set_user_attr("mlflow_parent_run_id", parent)
@@ -295,16 +296,16 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
                 if first_seed and step < total:  # pruning judges the first seed's curve, before its end
                     trial.report(metrics.miou, step)
                     if trial.should_prune():
-                        raise Stopped(f"pruned at step {step} (held-out mIoU {metrics.miou:.4f})", {"kdbench.trial_state": "pruned"})
+                        raise Stopped(f"pruned at step {step} (held-out mIoU {metrics.miou:.4f})", {Tag.TRIAL_STATE: "pruned"})
 
-            tags = {"kdbench.trial": str(trial.number), "study": spec.study}
+            tags = {Tag.TRIAL: str(trial.number), Tag.STUDY: spec.study}
             try:
                 result = run(recipe, quiet=True, parent_run_id=parent, eval_split="holdout", on_eval=report, extra_tags=tags)
             except Stopped:
                 raise optuna.TrialPruned() from None
             if not math.isfinite(result.metrics.miou):
                 raise FloatingPointError("held-out mIoU is not finite")
-            tracker.client.set_tag(result.run_id, "kdbench.trial_state", "complete")
+            tracker.client.set_tag(result.run_id, Tag.TRIAL_STATE, "complete")
             scores.append(result.metrics.miou)
         return statistics.fmean(scores)
 

@@ -1,0 +1,89 @@
+"""`kdbench sweep`: the grid runs once, a rerun fills only the holes, a failed cell does not stop
+the others, and two workers on one work list never run a cell twice. Real tiny runs throughout."""
+
+import os
+import subprocess
+import sys
+
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from kdbench.cli import parse_seeds
+from kdbench.errors import UserError
+from kdbench.schema import Role, Tag, tag_col
+from kdbench.sweep import SweepSpec, sweep
+
+SETS = ("train.eval_interval=0",)
+
+
+def _students():
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="pandas")
+    return runs[runs[tag_col(Tag.ROLE)] == Role.STUDENT]
+
+
+def _trials(name):
+    study = optuna.load_study(study_name=f"kdbench-sweep:{name}", storage="sqlite:///optuna.db")
+    return study.get_trials(deepcopy=False)
+
+
+def test_a_rerun_runs_only_the_holes(workdir):
+    spec = SweepSpec(("none", "kd:cirkd"), (0, 1), ("tiny",), SETS, name="s")
+    first = sweep(spec, quiet=True)
+    assert first.count("ran") == 4 and first.count("done") == 0
+    students = _students()
+    assert len(students) == 4 and (students["status"] == "FINISHED").all()
+    assert set(students[tag_col(Tag.SWEEP)]) == {"s"}
+    assert sorted(zip(students[tag_col(Tag.METHOD)], students[tag_col(Tag.SEED)])) == [("kd", "0"), ("kd", "1"), ("none", "0"), ("none", "1")]
+
+    again = sweep(SweepSpec(("none", "kd:cirkd"), (0, 1, 2), ("tiny",), SETS, name="s"), quiet=True)
+    assert again.count("done") == 4 and again.count("ran") == 2  # only seed 2 of each method
+    assert len(_students()) == 6
+    assert sorted(t.state.name for t in _trials("s")) == ["COMPLETE"] * 6
+
+
+def test_a_failed_cell_is_reported_and_the_others_run(workdir):
+    # a second recipe that diverges (a non-finite loss): its cell fails, the tiny recipe's runs
+    raw = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "tiny.yaml").read_text())
+    raw["train"].update(lr=1e12, log_interval=1)
+    (workdir / "diverges.yaml").write_text(yaml.safe_dump(raw))
+    spec = SweepSpec(("none",), (0,), ("diverges.yaml", "tiny"), SETS, name="f")
+    result = sweep(spec, quiet=True)
+    assert [r.state for r in result.results] == ["failed", "ran"]
+    assert "non-finite loss" in result.results[0].error
+    assert sorted(t.state.name for t in _trials("f")) == ["COMPLETE", "FAIL"]
+    # the failed cell is a hole: the next sweep tries it again, the rest is done
+    retry = sweep(spec, quiet=True)
+    assert retry.count("failed") == 1 and retry.count("done") == 1
+
+
+def test_two_workers_share_one_grid_without_running_a_cell_twice(workdir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "kdbench.cli"]
+    teacher = subprocess.run([*cli, "teacher", "-r", "tiny", "--set", SETS[0]], env=env, capture_output=True, text=True, timeout=300)
+    assert teacher.returncode == 0, teacher.stderr
+    args = [*cli, "sweep", "-m", "none", "-m", "kd", "--seeds", "0-2", "-r", "tiny", "--set", SETS[0], "--name", "two", "-q"]
+    workers = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs
+    students = _students()
+    finished = students[students["status"] == "FINISHED"]
+    cells = list(zip(finished[tag_col(Tag.METHOD)], finished[tag_col(Tag.SEED)]))
+    assert sorted(cells) == sorted({(m, str(s)) for m in ("none", "kd") for s in range(3)})  # each once
+    assert len(students) == 6  # and nothing started twice
+    complete = [t for t in _trials("two") if t.state.name == "COMPLETE"]
+    assert len(complete) == 6 and len({t.user_attrs["cell"] for t in complete}) == 6
+    ran = [out.count(" ran ") for out, _ in outs]
+    assert sum(ran) == 6, outs
+
+
+def test_seeds_and_grid_errors_are_one_line():
+    assert parse_seeds("0-2,7") == (0, 1, 2, 7)
+    for bad in ("a", "0,0", "1-"):
+        with pytest.raises(UserError, match="--seeds"):
+            parse_seeds(bad)
+    with pytest.raises(UserError, match="the same run"):
+        SweepSpec(("kd", "kd"), (0,), ("tiny",)).cells()
