@@ -397,6 +397,48 @@ def plot(
         out.print(str(path))
 
 
+@app.command("table")
+def table_cmd(
+    experiment: Annotated[Optional[list[str]], typer.Option("--experiment", "-e", help="MLflow experiment to read (repeatable); default: every experiment named kdbench-* (one per benchmark).")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", "-f", help="md, latex (booktabs), csv (one numeric row per method and column) or html; default: from --out's suffix (.md .tex .csv .html), else md.")] = None,
+    metric: Annotated[str, typer.Option(help="miou or pixel_acc: the final evaluation on val.")] = "miou",
+    per_class: Annotated[bool, typer.Option("--per-class", help="The per-class IoU table instead (mean over seeds), one per (dataset, student) column, or the one --group names.")] = False,
+    group: Annotated[Optional[str], typer.Option(help="With --per-class: only the column whose name (DATASET: ARCH/BACKBONE) contains this, e.g. resnet18.")] = None,
+    extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, wall time per run (MLflow start to end) and training throughput (images/s). Parameter counts and FLOPs are not logged by kdbench runs, so no table shows them.")] = False,
+    out_file: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the table to this file instead of printing it.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store to read; default: $MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db).")] = None,
+) -> None:
+    """Paper-style comparison table of the FINISHED runs in MLflow.
+
+    Rows: the teacher, the plain student (method none), then one row per method variant: method,
+    preset, and every option whose value differs from the preset's (e.g. `attnfd (default)
+    alpha=0.5`); recipe keys that differ between runs of one column are added after a `;`. Columns:
+    one group per (dataset, student). A cell is mean ± std over seeds (n runs) in %, the newest run
+    per seed; bold: the best student. Δ: difference to the plain student's mean; p: paired t-test,
+    and a bootstrap 95% CI of the mean difference, over the seeds both have; `~` marks a difference
+    within seed noise (CI contains 0 or p >= 0.05). Tuning trials are left out. Make the runs with
+    `kdbench run --method M --seed S` (or `kdbench sweep`).
+    """
+    from pathlib import Path
+
+    from kdbench.table import build_table, check_metric, format_for, load_runs, per_class_tables, render, render_classes
+
+    fmt = format_for(out_file, format_)
+    check_metric(metric)
+    if group is not None and not per_class:
+        raise UserError("--group: only with --per-class (the comparison table shows every column)")
+    runs = load_runs(experiment, tracking_uri)
+    if per_class:
+        text = render_classes(per_class_tables(runs, group), fmt)  # type: ignore[arg-type]
+    else:
+        text = render(build_table(runs, metric), fmt, extra=extra)  # type: ignore[arg-type]
+    if out_file:
+        Path(out_file).write_text(text)
+        print(f"table: {out_file}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
 def main() -> None:
     try:
         _main()
@@ -417,13 +459,26 @@ def _main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as err:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
+    except Exception as err:  # usage errors (bad option, bad value) arrive here with standalone_mode=False
+        if isinstance(err, _click_errors()):
+            command = getattr(getattr(err, "ctx", None), "command_path", None) or "kdbench"
+            print(f"error: {err.format_message()} (see `{command} --help`)", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def _click_errors() -> tuple[type, ...]:
+    """Click's exception class and the copy typer vendors (typer >= 0.29 raises its own)."""
+    import click
+
+    types: list[type] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+
+        types.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,13 @@ def test_cli_run_of_the_tiny_recipe(tmp_path):
         (["run", "--recipe", "tiny", "--method", "magic"], "error: method: unknown method 'magic'"),
         (["run", "--recipe", "nosuch"], "error: --recipe: no recipe named 'nosuch'"),
         (["teacher", "--recipe", "tiny", "--set", "teacher.checkpoint=/no/t.pt"], "error: teacher.checkpoint: no checkpoint file"),
+        # usage errors, raised by typer's own copy of click
+        (["run", "--seed", "abc"], "error: Invalid value for '--seed'"),
+        (["run", "--methd", "kd"], "error: No such option: --methd (Possible options: --method"),
+        (["runn"], "error: No such command 'runn'. Did you mean 'run'?"),
+        (["run", "--method"], "error: Option '--method' requires an argument"),
+        (["bench", "--steps", "1.5"], "error: Invalid value for '--steps'"),
+        (["sweep", "-m", "kd", "--seeds", "1-"], "error: --seeds: expected seeds like 0,1,2 or 0-4"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
