@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from typing import Annotated, Optional
 
 import typer
@@ -15,7 +16,7 @@ from kdbench.errors import UserError
 app = typer.Typer(
     help="kdbench: knowledge distillation for semantic segmentation, every method on the same models, "
     "data, recipe and evaluation, every run in MLflow.\n\n"
-    "Start with `kdbench run --method kd` (the embedded synthetic benchmark; the teacher is trained "
+    "Start with `kdbench run --method attnfd` (the embedded synthetic benchmark; the teacher is trained "
     "once and cached). `kdbench methods` lists methods, presets and hyper-parameters.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -45,6 +46,21 @@ CompileOpt = Annotated[
     Optional[bool],
     typer.Option("--compile/--no-compile", help="torch.compile student, teacher and method (slow first steps). Same as --set runtime.compile=..."),
 ]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        import kdbench
+
+        print(f"kdbench {kdbench.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
 
 
 def runtime_overrides(device: str | None, precision: str | None, compile_: bool | None) -> list[str]:
@@ -332,37 +348,53 @@ def sweep(
 
 
 @app.command()
-def methods(recipe: RecipeOpt = None) -> None:
-    """List the distillation methods with their presets and hyper-parameters (defaults, search ranges),
-    and the settings the recipe's `methods:` section adds for each."""
-    from kdbench.methods import registry
+def methods(
+    name: Annotated[Optional[str], typer.Argument(help="One method to show in full; default: the list of all.")] = None,
+    recipe: RecipeOpt = None,
+) -> None:
+    """List the distillation methods, or show one in full: every option (type, default, search
+    range, meaning), what each preset sets (* marks the preset a run uses by default) and what the
+    recipe's `methods:` section adds. Pass options as --set method.OPTION=VALUE."""
+    from kdbench.methods import get_method_class, registry
     from kdbench.recipe import load_recipe
 
     r = load_recipe(recipe)
-
-    for name, cls in registry().items():
-        table = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}", title_justify="left", expand=False)
-        table.add_column("hyper-parameter")
-        table.add_column("default")
-        table.add_column("search range")
-        table.add_column("meaning")
-        for f in dataclasses.fields(cls.Config):
-            meta = f.metadata
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if meta.get("choices"):
-                rng = " | ".join(map(str, meta["choices"]))
-            elif meta.get("low") is not None:
-                rng = f"[{meta['low']}, {meta['high']}]" + (" log" if meta.get("log") else "")
-            else:
-                rng = ""
-            table.add_row(f.name, str(default), rng, meta.get("help", ""))
-        presets = ", ".join(["default", *cls.presets]) if cls.presets else "default"
-        table.caption = f"presets: {presets} (default preset: {cls.default_preset})"
-        if r.methods.get(name):
-            settings = ", ".join(f"{k}={v}" for k, v in r.methods[name].items())
-            table.caption += f"\nrecipe {r.benchmark!r} sets: {settings}"
-        table.caption_justify = "left"
+    if name is None:
+        table = Table(title="methods (`kdbench methods NAME` for one in full)", title_justify="left")
+        for col in ("method", "what it distils", "presets (* = default)", "options"):
+            table.add_column(col, no_wrap=col in ("method", "presets (* = default)"))
+        for key, cls in registry().items():
+            presets = ", ".join(p + ("*" if p == cls.default_preset else "") for p in ["default", *cls.presets])
+            table.add_row(key, (cls.__doc__ or "").strip().splitlines()[0], presets, str(len(dataclasses.fields(cls.Config))))
         out.print(table)
+        return
+    cls = get_method_class(name)
+    hints = typing.get_type_hints(cls.Config)
+    presets = {"default": {}, **cls.presets}
+    table = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}", title_justify="left")
+    table.add_column("option (--set method.OPTION=...)", no_wrap=True)
+    table.add_column("type", no_wrap=True)
+    for preset in presets:
+        table.add_column(preset + ("*" if preset == cls.default_preset else ""), no_wrap=True)
+    table.add_column("search range", no_wrap=True)
+    table.add_column("meaning")
+    for f in dataclasses.fields(cls.Config):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if meta.get("choices"):
+            rng = " | ".join(map(str, meta["choices"]))
+        elif meta.get("low") is not None:
+            rng = f"[{meta['low']}, {meta['high']}]" + (" log" if meta.get("log") else "")
+        else:
+            rng = ""
+        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        values = [str(default)] + [str(v[f.name]) if f.name in v else "·" for v in list(presets.values())[1:]]
+        table.add_row(f.name, kind, *values, rng, meta.get("help", ""))
+    table.caption = "· = the preset keeps the default"
+    if r.methods.get(name):
+        table.caption += f"; recipe {r.benchmark!r} sets: " + ", ".join(f"{k}={v}" for k, v in r.methods[name].items())
+    table.caption_justify = "left"
+    out.print(table)
 
 
 @app.command()

@@ -415,7 +415,10 @@ def run_loop(
         if evaluation is None:
             return
         metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt)
+        best = max([metrics.miou, *(h["miou"] for h in state.history)])
         state.history.append({"step": state.step, "miou": metrics.miou})
+        if progress and hasattr(bar, "console"):
+            bar.console.print(f"{label} step {state.step}/{total}: val mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f})", markup=False, highlight=False)
         hooks.log({"val/miou": metrics.miou, "val/pixel_acc": metrics.pixel_acc}, state.step)
         hooks.on_eval(state.step, metrics)
 
@@ -437,8 +440,9 @@ def run_loop(
                 lr = float(state.optimizer.param_groups[0]["lr"])
                 hooks.log({**values, "lr": lr, "throughput/images_per_s": ips}, step)
                 window_start, window_steps = time.perf_counter(), 0
-                bar.update(task, loss=values["loss/total"], lr=lr, ips=ips)
-            bar.update(task, completed=step)
+                bar.update(task, completed=step, loss=values["loss/total"], lr=lr, ips=ips)
+            else:
+                bar.update(task, completed=step)
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
                 do_eval()
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < total:

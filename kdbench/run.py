@@ -25,6 +25,7 @@ from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import build_model
+from kdbench.progress import make_console
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
 from kdbench.schema import Role, Tag
@@ -129,6 +130,7 @@ def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = Fa
         quiet=quiet,
         run_name=f"teacher-{t.arch}-{t.backbone}",
         rt=rt,
+        weights_file=path,
     )
     if rt.is_main:
         meta = {**_model_meta(t, splits.num_classes), "miou": result.metrics.miou, "mlflow_run_id": result.run_id}
@@ -215,6 +217,7 @@ def _train(
     after_step: Callable[[int], None] | None = None,
     extra_tags: dict[str, str] | None = None,
     rt: Runtime,
+    weights_file: Path | None = None,
 ) -> RunResult:
     """The tracked training of one model (student or teacher), resumable from ``run_dir/last.pt``.
     Every process of a multi-GPU run calls it; only rank 0 talks to MLflow and writes files."""
@@ -299,7 +302,30 @@ def _train(
         tracker.end("FAILED", "".join(traceback.format_exception_only(err)).strip())
         raise
     tracker.end("FINISHED")
-    return RunResult(run_id, metrics, list(splits.class_names), time.perf_counter() - start, ckpt_path)
+    seconds = time.perf_counter() - start
+    if not quiet:
+        # a teacher's weights end in the cache file (saved by the caller), a student's in its checkpoint
+        _summary(run_name, metrics, state.history, splits.class_names, seconds, weights_file or ckpt_path, run_id)
+    return RunResult(run_id, metrics, list(splits.class_names), seconds, ckpt_path)
+
+
+def _summary(
+    run_name: str, metrics: SegMetrics, history: list[dict[str, float]], class_names: list[str], seconds: float, ckpt: Path, run_id: str | None
+) -> None:
+    """What a researcher looks for when a run ends: the numbers, where the weights are, how to open the run."""
+    import mlflow
+    from rich.table import Table
+
+    best = max([metrics.miou, *(h["miou"] for h in history)])
+    table = Table(title=f"{run_name}: mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f}), pixel acc {100 * metrics.pixel_acc:.2f}, {seconds:.0f} s", title_justify="left")
+    for name in class_names:
+        table.add_column(name, justify="right")
+    table.add_row(*[f"{100 * v:.1f}" if v == v else "-" for v in metrics.iou])
+    out = make_console()
+    out.print(table)
+    out.print(f"weights: {ckpt.resolve()}", markup=False, highlight=False)
+    uri = mlflow.get_tracking_uri()
+    out.print(f"MLflow run {run_id}; to browse: mlflow ui --backend-store-uri {uri}", markup=False, highlight=False)
 
 
 def _log_final(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,25 @@ def test_cli_run_of_the_tiny_recipe(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "kd (cirkd) seed 3: mIoU" in r.stdout
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_a_piped_run_logs_plain_lines_evaluations_and_a_summary(tmp_path):
+    """Output to a file or pipe (nohup, a cluster job): timestamped step lines, one line per
+    evaluation, the end-of-run summary; no frames of a progress bar."""
+    import re
+
+    sets = ["--set", "train.iterations=8", "--set", "train.log_interval=4", "--set", "train.eval_interval=4"]
+    r = kdbench("run", "--recipe", "tiny", "--method", "kd", *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    steps = [ln for ln in lines if re.match(r"^\d\d:\d\d:\d\d student kd-cirkd-seed0 step [48]/8 loss \d+\.\d{4} lr \S+ \d+ img/s, \d+ s left$", ln)]
+    assert len(steps) == 2, r.stdout
+    assert any(re.match(r"^student kd-cirkd-seed0 step 4/8: val mIoU \d+\.\d\d \(best \d+\.\d\d\)$", ln) for ln in lines), r.stdout
+    assert any(ln.startswith("kd-cirkd-seed0: mIoU ") and "pixel acc" in ln for ln in lines)
+    weights = [ln.split(": ", 1)[1] for ln in lines if ln.startswith("weights: /")]
+    assert len(weights) == 2 and all(os.path.isfile(w) for w in weights)  # the teacher's and the student's
+    assert any("mlflow ui --backend-store-uri sqlite:///" in ln for ln in lines)
+    assert not re.search(r"━+ *\d+/\d+", r.stdout) and "\r" not in r.stdout  # no frames of a bar
 
 
 @pytest.mark.parametrize(
@@ -42,16 +62,27 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_help_and_methods(tmp_path):
+def test_help_version_and_methods(tmp_path):
     r = kdbench("--help", cwd=tmp_path)
-    assert r.returncode == 0 and "run" in r.stdout and "methods" in r.stdout
+    assert r.returncode == 0 and "run" in r.stdout and "methods" in r.stdout and "--method attnfd" in r.stdout
+    r = kdbench("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "kdbench 0.1.0"
     r = kdbench("methods", cwd=tmp_path)
     assert r.returncode == 0
-    for name in ("none", "kd", "cwd", "skd", "ifvd", "attnfd"):
-        assert f"{name}:" in r.stdout
-    assert "presets: default, cirkd" in r.stdout
+    for name, presets in {"kd": "default, cirkd*", "cwd": "default, paper*, pure, cirkd, mmrazor", "attnfd": "default*, paper, code"}.items():
+        assert re.search(rf"│ {name} +│.*│ {re.escape(presets)} +│", r.stdout), name
+    # one method in full: every option uncut, what each preset sets (* = the one a run uses)
+    r = kdbench("methods", "ifvd", cwd=tmp_path)
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in r.stdout.splitlines() if ln.startswith("│")}
+    header = next(ln for ln in r.stdout.splitlines() if ln.startswith("┃"))
+    assert [c.strip() for c in header.split("┃")[1:-1]][:6] == ["option (--set method.OPTION=...)", "type", "default", "cirkd*", "paper", "pure"]
+    assert rows["dilute_ignore"][:5] == ["bool", "True", "True", "True", "False"]  # pure divides by labelled pixels
+    assert rows["adv_weight_decay"][2:5] == ["·", "·", "·"]  # no preset sets it
+    assert rows["adv_weight"][1] == "0.001" and rows["adv_weight"][4] == "0.0"  # pure: no discriminator
     assert "recipe 'default' sets: adv_width=32" in r.stdout  # the default benchmark's methods: section
-    assert "recipe 'tiny' sets" not in kdbench("methods", "--recipe", "tiny", cwd=tmp_path).stdout
+    assert "recipe 'tiny' sets" not in kdbench("methods", "ifvd", "--recipe", "tiny", cwd=tmp_path).stdout
+    r = kdbench("methods", "magic", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: method: unknown method 'magic'")
 
 
 def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):

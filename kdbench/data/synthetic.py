@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdbench.errors import UserError
+from kdbench.progress import make_progress
 
 #: Bump when the images change for the same arguments: it is part of the cache folder's name.
 GENERATOR_VERSION = 4
@@ -216,8 +216,7 @@ def generate(
     sets = root / "ImageSets" / "Segmentation"
     for folder in (images, labels, sets):
         folder.mkdir(parents=True, exist_ok=True)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with make_progress(enabled=progress, transient=True) as bar:  # no bar frames in a log file
         task = bar.add_task(f"generating synthetic data ({image_size}px)", total=num_train + num_val)
         for split, count in (("train", num_train), ("val", num_val)):
             ids = [_image_id(split, i) for i in range(count)]
