@@ -318,9 +318,11 @@ def load_recipe(
     defaults (the recipe's hyper-parameters belong to its method); ``--set`` applies after."""
     path = recipe_path(name_or_path or DEFAULT_RECIPE)
     try:
-        raw = read_yaml(path.read_text()) or {}
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is None:  # an empty file would otherwise run every default silently
+        raise UserError(f"{path}: the recipe file is empty; copy a recipe from recipes/ to start from")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     section = raw.get("method") if isinstance(raw.get("method"), dict) else {}

@@ -162,8 +162,12 @@ def run(
 ) -> RunResult:
     """Distil the recipe's teacher into its student with the recipe's method."""
     rt = make_runtime(recipe.runtime)
-    splits = _splits(recipe, rt, quiet)
     m = recipe.method
+    run_dir = Path(recipe.output_dir) / f"{m.name}-{recipe.hash()}"
+    if resume and not rt.broadcast((run_dir / "last.pt").is_file()):  # before any work: a typo'd --set or
+        # another seed names another run, which would silently start afresh
+        raise UserError(f"--resume: no checkpoint of this recipe at {(run_dir / 'last.pt').resolve()}; run without --resume to start it")
+    splits = _splits(recipe, rt, quiet)
     needs_teacher = get_method_class(m.name).needs_teacher
     teacher, teacher_meta = ensure_teacher(recipe, splits, quiet, rt) if needs_teacher else (None, {})
     torch.manual_seed(recipe.seed)
@@ -182,7 +186,7 @@ def run(
         splits=splits,
         train_cfg=recipe.train,
         seed=recipe.seed,
-        run_dir=Path(recipe.output_dir) / f"{m.name}-{recipe.hash()}",
+        run_dir=run_dir,
         resume=resume,
         quiet=quiet,
         run_name=f"{m.name}-{m.preset}-seed{recipe.seed}",
@@ -237,8 +241,6 @@ def _train(
         run_id = ckpt.get("mlflow_run_id")
         if not quiet:
             console.print(f"Resuming {run_name} from step {state.step}/{state.total_steps} ({ckpt_path})")
-    elif resume and not quiet and role == "student":
-        console.print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
 
     experiment = recipe.tracking.experiment or f"kdbench-{recipe.benchmark}"
     tracker = Tracker(recipe.tracking.uri, experiment) if rt.is_main else NullTracker()

@@ -47,6 +47,8 @@ def test_a_piped_run_logs_plain_lines_evaluations_and_a_summary(tmp_path):
         (["run", "--recipe", "tiny", "--method", "magic"], "error: method: unknown method 'magic'"),
         (["run", "--recipe", "nosuch"], "error: --recipe: no recipe named 'nosuch'"),
         (["teacher", "--recipe", "tiny", "--set", "teacher.checkpoint=/no/t.pt"], "error: teacher.checkpoint: no checkpoint file"),
+        (["run", "--recipe", "tiny", "--resume"], "error: --resume: no checkpoint of this recipe at "),
+        (["run", "--recipe", "empty.yaml"], "error: empty.yaml: the recipe file is empty"),
         # usage errors, raised by typer's own copy of click
         (["run", "--seed", "abc"], "error: Invalid value for '--seed'"),
         (["run", "--methd", "kd"], "error: No such option: --methd (Possible options: --method"),
@@ -57,6 +59,7 @@ def test_a_piped_run_logs_plain_lines_evaluations_and_a_summary(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    (tmp_path / "empty.yaml").write_text("")
     r = kdbench(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
