@@ -243,6 +243,7 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU) -> pd.DataFrame:
             "teacher": column(runs, tag_col(Tag.TEACHER)).map(_text),
             "seed": [decode_param(s if isinstance(s, str) else p) for s, p in zip(seed_tag, seed_param)],
             "value": pd.to_numeric(column(runs, metric_col(metric)), errors="coerce"),
+            "teacher_miou": pd.to_numeric(column(runs, tag_col(Tag.TEACHER_MIOU)), errors="coerce"),
             "other": pd.to_numeric(column(runs, metric_col(_other(metric))), errors="coerce"),
             "images_per_s": pd.to_numeric(column(runs, metric_col(Metric.IMAGES_PER_S)), errors="coerce"),
             "wall_s": (end - start).dt.total_seconds(),
@@ -315,6 +316,9 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
             runs_of[(v, g)] = mine[[k == v for k in keys]]
         for tch in sorted(set(mine["teacher"])):  # a teacher run belongs to the groups it taught
             rows = teachers[(teachers["dataset"] == g.dataset) & (teachers["student"] == tch)]
+            if rows.empty and metric == Metric.MIOU:  # trained in another store: its students carry its mIoU
+                taught = mine[(mine["teacher"] == tch) & mine["teacher_miou"].notna()]
+                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan)
             runs_of[(Variant(Role.TEACHER, "none", "-", teacher=tch), g)] = rows
     teacher_rows = sorted({v for v, _ in runs_of if v.is_teacher}, key=lambda v: v.teacher)
     student_rows = sorted({v for v, _ in runs_of if not v.is_teacher}, key=lambda v: (v.setting, not v.is_plain, v.method, v.preset, v.options))

@@ -43,6 +43,18 @@ def store(shared_workdir):
     return ids
 
 
+def test_a_teacher_trained_in_another_store_shows_the_miou_its_students_carry(store):
+    runs = load_runs()
+    students_only = runs[runs[tag_col(Tag.ROLE)] == Role.STUDENT]
+    teacher_miou = float(students_only[tag_col(Tag.TEACHER_MIOU)].astype(float).dropna().iloc[0])  # none runs carry nan
+    table = build_table(students_only)
+    teacher = table.variants[0]
+    assert teacher.is_teacher
+    cell = table.cell(teacher, table.groups[1])
+    assert cell["n"] == 1 and math.isclose(cell["mean"], teacher_miou)
+    assert math.isclose(teacher_miou, build_table(runs).cell(teacher, table.groups[1])["mean"], rel_tol=1e-5)  # the run's own
+
+
 def _miou(run_id):
     return mlflow.get_run(run_id).data.metrics[Metric.MIOU]
 
