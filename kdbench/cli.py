@@ -130,16 +130,16 @@ def teacher(
 ) -> None:
     """Train the recipe's teacher once and cache it (also done automatically by `kdbench run`)."""
     from kdbench.recipe import load_recipe
-    from kdbench.run import teacher_cache_path, train_teacher
+    from kdbench.run import teacher_cache_path, train_teacher_once
 
     r = load_recipe(recipe, overrides=runtime_overrides(device, precision, None) + list(set_ or []))
     if r.teacher.checkpoint:
         raise UserError(f"teacher.checkpoint: this recipe uses the trained teacher {r.teacher.checkpoint}; nothing to train")
     path = teacher_cache_path(r)
-    if path.is_file():
+    result = train_teacher_once(r, quiet=quiet)
+    if result is None:
         out.print(f"Teacher already trained and cached: {path}")
         return
-    result = train_teacher(r, quiet=quiet)
     out.print(f"teacher {r.teacher.arch}/{r.teacher.backbone}: mIoU {100 * result.metrics.miou:.2f} -> {path}")
 
 

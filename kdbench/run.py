@@ -10,7 +10,8 @@ import dataclasses
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,16 +94,48 @@ def ensure_teacher(recipe: Recipe, splits: Splits, quiet: bool = False, rt: Runt
     rt = rt or make_runtime(recipe.runtime)
     if recipe.teacher.checkpoint:
         return load_teacher(recipe, Path(recipe.teacher.checkpoint), splits.num_classes)
+    train_teacher_once(recipe, splits, quiet, rt)
+    return load_teacher(recipe, teacher_cache_path(recipe), splits.num_classes)
+
+
+def train_teacher_once(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None) -> RunResult | None:
+    """Train and cache the recipe's teacher unless it is cached (None then). Runs that start together
+    on one cache (a sweep's workers, two terminals) train it once: the first holds a file lock, the
+    others wait for it and then load what it wrote."""
+    rt = rt or make_runtime(recipe.runtime)
     path = teacher_cache_path(recipe)
-    if not rt.broadcast(path.is_file()):
+    with _cache_lock(path, rt):
+        if rt.broadcast(path.is_file()):
+            return None
         t = recipe.teacher
         if rt.is_main:
             console.print(
                 f"[bold]No trained teacher for this recipe yet[/]: training {t.arch}/{t.backbone} for {t.iterations} "
                 f"iterations once; it is cached at {path} and reused by every later run."
             )
-        train_teacher(recipe, splits, quiet=quiet, rt=rt)
-    return load_teacher(recipe, path, splits.num_classes)
+        return train_teacher(recipe, splits, quiet=quiet, rt=rt)
+
+
+@contextmanager
+def _cache_lock(path: Path, rt: Runtime) -> Iterator[None]:
+    """An exclusive lock on a teacher's cache folder, held by the main process of a run (the other
+    processes of a multi-GPU run train with it)."""
+    if not rt.is_main:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "training.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"Another process is training this teacher ({path.parent}); waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None) -> RunResult:

@@ -95,3 +95,20 @@ def test_every_method_and_preset_runs(shared_workdir, name, preset):
     assert row.info.status == "FINISHED"
     assert row.data.tags["method"] == name and row.data.tags["preset"] == preset
     assert any(k.startswith("loss/") and k != "loss/task" for k in row.data.metrics) or name == "none"
+
+
+def test_two_first_runs_train_the_teacher_once(workdir):
+    """Two processes that need the same uncached teacher: one trains it, the other waits for the
+    lock and uses it; one teacher run in MLflow, both runs finish."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "kdbench.cli", "run", "--recipe", "tiny", "--method", "kd", "--set", "train.eval_interval=0", "--quiet"]
+    procs = [subprocess.Popen([*args, "--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for s in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    runs = _runs()
+    assert (runs["tags.kdbench.role"] == "teacher").sum() == 1
+    assert (runs["tags.kdbench.role"] == "student").sum() == 2
+    assert sum("No trained teacher" in err for _, err in outs) == 1
