@@ -34,6 +34,7 @@ from rich.console import Console
 
 from kdbench.errors import UserError
 from kdbench.schema import Artifact, Metric, Role, Tag, column, metric_col, tag_col
+from kdbench.table import variant_labels
 
 console = Console(stderr=True)
 
@@ -100,7 +101,7 @@ def log_figure(path: str | Path, run_ids: Sequence[str]) -> None:
 
 
 def _slug(text: str, limit: int = 80) -> str:
-    s = re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+    s = re.sub(r"-*\+-*", "+", re.sub(r"[^A-Za-z0-9.+-]+", "-", text)).strip("-")
     return s[:limit].rstrip("-") or "runs"
 
 
@@ -170,6 +171,8 @@ def run_labels(runs: pd.DataFrame, seed: bool = False) -> pd.Series:
     label = pd.Series([m if m == "none" or p in ("", "-") else f"{m}/{p}" for m, p in zip(method, preset)], index=runs.index)
     role = column(runs, tag_col(Tag.ROLE))
     label = label.where(role != Role.TEACHER, "teacher")
+    table_labels = variant_labels(runs)  # the table's row names (options that differ from the preset)
+    label = table_labels.reindex(runs.index).fillna(label).astype(str) if len(table_labels) else label
     students = column(runs, tag_col(Tag.STUDENT))
     if students.nunique() > 1:
         label = label + " (" + students.fillna("?").astype(str) + ")"

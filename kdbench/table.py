@@ -211,7 +211,17 @@ def _same(logged: str, preset_value: str) -> bool:
     return decode_param(logged) == decode_param(preset_value)
 
 
-def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU) -> pd.DataFrame:
+def variant_labels(runs: pd.DataFrame) -> pd.Series:
+    """The table's row label of every run that belongs in a table (indexed like ``runs``), so a
+    figure names a run exactly as the table does."""
+    t = select_runs(runs, newest_only=False)
+    if t.empty:
+        return pd.Series(dtype=object)
+    variants = [Variant(r.role, r.method, r.preset, r.options, r.setting, teacher=r.student if r.role == Role.TEACHER else "") for r in t.itertuples()]
+    return pd.Series([v.label for v in variants], index=t.index)
+
+
+def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU, newest_only: bool = True) -> pd.DataFrame:
     """One row per run that belongs in a table: FINISHED student and teacher runs evaluated on val
     (tuning trials, held-out evaluations and study parents left out), with the keys tables need:
     role, method, preset, options, setting, dataset, student, teacher, seed, value, and the newest
@@ -291,6 +301,8 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU) -> pd.DataFrame:
         for i, s in zip(t.index, students)
     ]
 
+    if not newest_only:
+        return t
     t = t.sort_values("start", ascending=False, kind="stable")
     ident = ["role", "method", "preset", "options", "setting", "dataset", "student", "teacher", "seed"]
     t = t.assign(_key=[repr(k) for k in t[ident].itertuples(index=False)])

@@ -63,7 +63,7 @@ def test_runs_are_found_and_labelled(runs, frame):
     for result, recipe in runs.values():  # the tag the qualitative figures load the model from
         tagged = frame.set_index("run_id").loc[result.run_id, tag_col(Tag.CHECKPOINT)]
         assert tagged == str(result.checkpoint.resolve())
-    assert list(plots.run_labels(plots.ordered(frame))) == ["none", "attnfd/default", "kd/cirkd"]
+    assert list(plots.run_labels(plots.ordered(frame))) == ["none (default)", "attnfd (default)", "kd (cirkd)"]  # the table's names
     assert list(plots.find_runs(run_ids=[runs["kd"][0].run_id, runs["none"][0].run_id])["run_id"]) == [runs["kd"][0].run_id, runs["none"][0].run_id]
 
 
@@ -71,7 +71,7 @@ def test_per_class_bars_are_the_logged_ious(runs, frame, tmp_path):
     table = plots.per_class_iou(frame)
     classes = list(table.columns)
     assert classes == [c for c in CLASS_NAMES if c in classes] and len(classes) >= 2  # the dataset's order
-    assert list(table.index) == ["none", "attnfd/default", "kd/cirkd"]
+    assert list(table.index) == ["none (default)", "attnfd (default)", "kd (cirkd)"]
     fig = plots.per_class_figure(table)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == classes
@@ -86,7 +86,7 @@ def test_per_class_bars_are_the_logged_ious(runs, frame, tmp_path):
     np.testing.assert_allclose(np.mean(lefts, axis=0), np.arange(len(classes)), atol=1e-9)
 
     path = plots.plot_per_class(frame, tmp_path)
-    assert path.name.startswith("per-class_synthetic_none+attnfd-default+kd-cirkd_")
+    assert path.name.startswith("per-class_synthetic_none-default+attnfd-default+kd-cirkd_")
     assert _png_size(path) == _pixels(fig) and _pixels(fig)[1] == 540  # 4.5 in at 120 dpi
     for result, _ in runs.values():
         assert path.name in _figures(result.run_id)
@@ -122,7 +122,7 @@ def test_curves_one_line_per_run_per_quantity(runs, frame, tmp_path):
     assert {t: len(ax.lines) for t, ax in axes.items()} == expected
     client = mlflow.MlflowClient()
     kd = runs["kd"][0]
-    line = next(x for x in axes["val mIoU (%)"].lines if x.get_label() == "kd/cirkd seed 0")
+    line = next(x for x in axes["val mIoU (%)"].lines if x.get_label() == "kd (cirkd) seed 0")
     assert list(line.get_xdata()) == [2, 4, 6]  # two evaluations during training, then the final one
     values = [m.value for m in client.get_metric_history(kd.run_id, Metric.VAL_MIOU)] + [kd.metrics.miou]
     np.testing.assert_allclose(line.get_ydata(), 100 * np.array(values))
@@ -145,7 +145,7 @@ def _independent_prediction(result, recipe, image):
 
 def test_predictions_grid(runs, frame, tmp_path):
     grid = plots.prediction_grid(frame, images=[4, 1])
-    assert grid.columns == ["image", "ground truth", "none", "attnfd/default", "kd/cirkd", "teacher"]
+    assert grid.columns == ["image", "ground truth", "none (default)", "attnfd (default)", "kd (cirkd)", "teacher"]
     assert grid.rows == ["val #4", "val #1"] and [len(r) for r in grid.cells] == [6, 6]
     val = load_splits(runs["none"][1], progress=False).val
     image, label = val[4]
@@ -235,7 +235,7 @@ def test_cli(runs, tmp_path, capsys, monkeypatch):
     code, out, err = _cli(capsys, monkeypatch, "plot", "curves", "--run", kd, "--run", none, "--out", str(tmp_path / "figs"), "--no-log")
     assert code == 0, err
     (line,) = out.strip().splitlines()
-    assert line.startswith(str(tmp_path / "figs" / "curves_synthetic_none+kd-cirkd_")) and os.path.isfile(line)
+    assert line.startswith(str(tmp_path / "figs" / "curves_synthetic_none-default+kd-cirkd_")) and os.path.isfile(line)
     assert os.path.basename(line) not in _figures(kd)  # --no-log
     code, out, err = _cli(capsys, monkeypatch, "plot", "per-class", "--experiment", EXPERIMENT, "--out", str(tmp_path / "figs"))
     assert code == 0 and os.path.basename(out.strip()) in _figures(kd), err
