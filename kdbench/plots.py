@@ -388,6 +388,28 @@ def checkpoint_path(run: pd.Series, recipe: Any) -> Path:
     return Path(recipe.output_dir) / f"{recipe.method.name}-{recipe.hash()}" / "last.pt"
 
 
+def has_checkpoint(run: pd.Series) -> bool:
+    """Whether this machine holds the run's trained weights (a figure that runs the model needs them)."""
+    tagged = run.get(tag_col(Tag.CHECKPOINT))
+    if isinstance(tagged, str) and tagged:
+        return Path(tagged).is_file()
+    try:
+        return checkpoint_path(run, run_recipe(run["run_id"])).is_file()
+    except UserError:
+        return False
+
+
+def with_checkpoints(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The runs whose weights are here, noting the labels left out for want of them."""
+    here = runs[[has_checkpoint(r) for _, r in runs.iterrows()]] if len(runs) else runs
+    missing = sorted(set(run_labels(runs)) - set(run_labels(here))) if len(here) else sorted(set(run_labels(runs)))
+    if here.empty:
+        raise UserError(f"plot {kind}: none of the selected runs has its checkpoint on this machine; run them here (or copy runs/) or pick others with --run")
+    if missing:
+        console.print(f"[yellow]note[/]: no checkpoint here for {', '.join(missing)}; left out of the {kind} figure")
+    return here
+
+
 def load_run(run: pd.Series, label: str | None = None) -> LoadedRun:
     """Rebuild a run's student from its logged recipe and load its checkpoint's weights."""
     from kdbench.checkpoint import load
@@ -731,11 +753,12 @@ def plot(
     if kind == "curves":
         return [plot_curves(runs, out_dir, log)]
     if kind == "predictions":
+        runs = runs if run_ids else with_checkpoints(runs, kind)  # named runs must have theirs
         return [plot_predictions(runs, parse_images(images, (0, 1, 2)), out_dir, log)]
     picked = runs[column(runs, tag_col(Tag.METHOD)) == "attnfd"]
     if picked.empty:
         methods = ", ".join(sorted(set(column(runs, tag_col(Tag.METHOD)).dropna()))) or "none"
         raise UserError(f"plot attention: no attnfd run among the selected runs (methods: {methods}); pick one with --run ID")
     if not run_ids:
-        picked = picked.iloc[:1]  # the newest
+        picked = with_checkpoints(picked, kind).iloc[:1]  # the newest with its weights here
     return [plot_attention(run, parse_images(images, (0,)), layer, out_dir, log) for _, run in picked.iterrows()]

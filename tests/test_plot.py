@@ -252,3 +252,17 @@ def test_cli(runs, tmp_path, capsys, monkeypatch):
         code, out, err = _cli(capsys, monkeypatch, *args)
         assert code == 2 and err.strip().startswith(message) and len(err.strip().splitlines()) == 1, (args, err)
 
+
+
+def test_figures_that_run_models_leave_out_runs_without_weights_here(runs, frame, tmp_path):
+    ckpt = runs["kd"][0].checkpoint
+    moved = tmp_path / "away.pt"
+    ckpt.rename(moved)
+    try:
+        grid = plots.prediction_grid(plots.with_checkpoints(frame, "predictions"), images=(0,), teacher=False)
+        assert grid.columns == ["image", "ground truth", "none (default)", "attnfd (default)"]
+        kd_only = frame[frame[tag_col(Tag.METHOD)] == "kd"]
+        with pytest.raises(UserError, match="none of the selected runs has its checkpoint on this machine"):
+            plots.with_checkpoints(kd_only, "predictions")
+    finally:
+        moved.rename(ckpt)
