@@ -436,7 +436,7 @@ def table_cmd(
     metric: Annotated[str, typer.Option(help="miou or pixel_acc: the final evaluation on val.")] = "miou",
     per_class: Annotated[bool, typer.Option("--per-class", help="The per-class IoU table instead (mean over seeds), one per (dataset, student) column, or the one --group names.")] = False,
     group: Annotated[Optional[str], typer.Option(help="With --per-class: only the column whose name (DATASET: ARCH/BACKBONE) contains this, e.g. resnet18.")] = None,
-    extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, wall time per run (MLflow start to end) and training throughput (images/s). Parameter counts and FLOPs are not logged by kdbench runs, so no table shows them.")] = False,
+    extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, the student's parameters, wall time per run (MLflow start to end) and training throughput (images/s). FLOPs are not logged.")] = False,
     out_file: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the table to this file instead of printing it.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store to read; default: $MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db).")] = None,
 ) -> None:

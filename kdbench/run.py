@@ -29,7 +29,7 @@ from kdbench.models import build_model
 from kdbench.progress import make_console
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
-from kdbench.schema import Role, Tag
+from kdbench.schema import Metric, Role, Tag
 from kdbench.tracking import NullTracker, Tracker
 
 console = Console(stderr=True)
@@ -373,7 +373,7 @@ def _log_final(
     run_dir: Path,
     step: int,
 ) -> None:
-    final = {"miou": metrics.miou, "pixel_acc": metrics.pixel_acc}
+    final = {Metric.MIOU: metrics.miou, Metric.PIXEL_ACC: metrics.pixel_acc, Metric.PARAMS: sum(p.numel() for p in model.parameters())}
     for name, iou in zip(class_names, metrics.iou):
         if iou == iou:  # NaN: the class never occurs in this split
             final[f"iou/{name}"] = iou

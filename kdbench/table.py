@@ -256,6 +256,7 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU, newest_only: bool
             "teacher_miou": pd.to_numeric(column(runs, tag_col(Tag.TEACHER_MIOU)), errors="coerce"),
             "other": pd.to_numeric(column(runs, metric_col(_other(metric))), errors="coerce"),
             "images_per_s": pd.to_numeric(column(runs, metric_col(Metric.IMAGES_PER_S)), errors="coerce"),
+            "params": pd.to_numeric(column(runs, metric_col(Metric.PARAMS)), errors="coerce"),
             "wall_s": (end - start).dt.total_seconds(),
             "start": start,
         },
@@ -330,7 +331,7 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
             rows = teachers[(teachers["dataset"] == g.dataset) & (teachers["student"] == tch)]
             if rows.empty and metric == Metric.MIOU:  # trained in another store: its students carry its mIoU
                 taught = mine[(mine["teacher"] == tch) & mine["teacher_miou"].notna()]
-                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan)
+                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan, params=math.nan)
             runs_of[(Variant(Role.TEACHER, "none", "-", teacher=tch), g)] = rows
     teacher_rows = sorted({v for v, _ in runs_of if v.is_teacher}, key=lambda v: v.teacher)
     student_rows = sorted({v for v, _ in runs_of if not v.is_teacher}, key=lambda v: (v.setting, not v.is_plain, v.method, v.preset, v.options))
@@ -367,7 +368,7 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
     frame["best"] = is_student & frame["mean"].notna() & np.isclose(frame["mean"], best.reindex(frame.index), rtol=0, atol=1e-12)
     frame = frame.set_index(["variant", "group"], drop=False)
     cols = ["label", "role", "method", "preset", "options", "setting", "dataset", "student", "metric", "n", "seeds", "mean", "std",
-            "delta", "n_paired", "t", "p", "ci_low", "ci_high", "within_noise", "best", _other(metric), "wall_s", "images_per_s",
+            "delta", "n_paired", "t", "p", "ci_low", "ci_high", "within_noise", "best", _other(metric), "wall_s", "images_per_s", "params",
             "run_ids", "variant", "group"]
     return ComparisonTable(metric, variants, groups, frame[cols], _other(metric), rows_of)
 
@@ -384,6 +385,7 @@ def _cell(values: dict[Any, float], rows: pd.DataFrame, other: str) -> dict[str,
         other: float(rows["other"].mean()) if n else math.nan,
         "wall_s": float(rows["wall_s"].mean()) if n else math.nan,
         "images_per_s": float(rows["images_per_s"].mean()) if n else math.nan,
+        "params": float(rows["params"].mean()) if n else math.nan,
     }
 
 
@@ -461,7 +463,7 @@ def _signed(x: float) -> str:
 
 def _grid(table: ComparisonTable, extra: bool) -> Grid:
     name = METRICS[table.metric]
-    sub = [name, "Δ", "95% CI", "p"] + ([METRICS[table.other_metric], "wall", "img/s"] if extra else [])
+    sub = [name, "Δ", "95% CI", "p"] + ([METRICS[table.other_metric], "params", "wall", "img/s"] if extra else [])
     header = ["method"] + sub * len(table.groups)
     rows: list[list[Cell]] = []
     for v in table.variants:
@@ -470,7 +472,7 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
             c = table.cell(v, g)
             if c["n"] == 0:
                 row += [Cell(MISSING)] + [Cell("" if v.is_teacher or v.is_plain else MISSING)] * 3
-                row += [Cell(MISSING)] * 3 if extra else []
+                row += [Cell(MISSING)] * 4 if extra else []
                 continue
             spread = f" ± {_pct(c['std'])}" if c["n"] > 1 else ""
             row.append(Cell(f"{_pct(c['mean'])}{spread} ({c['n']})", bold=bool(c["best"])))
@@ -485,9 +487,10 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
                 ci = f"[{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]"
                 row += [Cell(_signed(c["delta"]), noise=bool(c["within_noise"])), Cell(ci), Cell(p)]
             if extra:
-                other, wall, ips = c[table.other_metric], c["wall_s"], c["images_per_s"]
+                other, wall, ips, params = c[table.other_metric], c["wall_s"], c["images_per_s"], c["params"]
                 row += [
                     Cell(MISSING if math.isnan(other) else _pct(other)),
+                    Cell(MISSING if math.isnan(params) else f"{params / 1e6:.2f} M"),
                     Cell(MISSING if math.isnan(wall) else f"{wall:.0f} s"),
                     Cell(MISSING if math.isnan(ips) else f"{ips:.1f}"),
                 ]
@@ -504,7 +507,7 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
         f"~: {NOISE_NOTE}; no test: fewer than 2 shared seeds; {MISSING}: no finished run (Δ: or no plain student to compare with)."
     )
     if extra:
-        note += " wall: MLflow run start to end (evaluation included); img/s: training throughput (last logged value)."
+        note += " params: the trained model's parameters; wall: MLflow run start to end (evaluation included); img/s: training throughput (last logged value)."
     return Grid([(g.label, len(sub)) for g in table.groups], header, rows, rules, note)
 
 
@@ -635,7 +638,7 @@ def table_csv(table: ComparisonTable) -> str:
         out[f"{col}_pct"] = 100 * f[col]
     out["n_paired"], out["t"], out["p"] = f["n_paired"], f["t"], f["p"]
     out["within_noise"], out["best"] = f["within_noise"], f["best"]
-    out["wall_s"], out["images_per_s"] = f["wall_s"], f["images_per_s"]
+    out["wall_s"], out["images_per_s"], out["params"] = f["wall_s"], f["images_per_s"], f["params"]
     return out.to_csv(index=False)
 
 

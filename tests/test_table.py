@@ -75,6 +75,9 @@ def test_table_of_real_runs(store):
     assert math.isclose(c["std"], np.std([_miou(i) for i in newest], ddof=1))
     base = np.mean([_miou(store["none", s]) for s in (0, 1, 2)])
     assert math.isclose(c["delta"], c["mean"] - base) and c["n_paired"] == 3
+    from kdbench.models import build_model
+
+    assert c["params"] == sum(p.numel() for p in build_model(load_recipe("tiny").student, 9).parameters())
     assert table.cell(kd_t2, plus)["n"] == 1 and math.isclose(table.cell(kd_t2, plus)["mean"], _miou(store["kd-t2", 0]))
     assert table.cell(teacher, plus)["n"] == 1 and table.cell(teacher, plain_col)["n"] == 1  # one teacher taught both
     assert math.isclose(table.cell(none, plain_col)["mean"], _miou(store["other", 0]))
