@@ -134,11 +134,15 @@ def _enqueue(study: Any, storage: Any, todo: list[Cell], reclaim: bool) -> None:
             study.enqueue_trial({}, user_attrs={CELL: c.key, LABEL: c.label})
 
 
-def _claim(study: Any, storage: Any) -> Any | None:
-    """The first WAITING trial this worker manages to move to RUNNING, or None when none is left."""
+def _claim(study: Any, storage: Any, cells: set[str]) -> Any | None:
+    """The first WAITING trial of one of ``cells`` that this worker manages to move to RUNNING, or
+    None when none is left. Trials of other cells (a sweep of another grid under the same name)
+    are left for their own workers."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if t.user_attrs.get(CELL) not in cells:
+            continue
         try:
             if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                 return t
@@ -175,10 +179,10 @@ def sweep(spec: SweepSpec, quiet: bool = False, echo: Any = print) -> SweepResul
     with make_progress(enabled=not quiet, transient=True) as bar:
         say = bar.console.print if hasattr(bar, "console") else echo  # above the bar, not through it
         task = bar.add_task(f"sweep {name}", total=len(cells), completed=len(results))
-        while (trial := _claim(study, storage)) is not None:
-            cell = by_key.get(trial.user_attrs.get(CELL))
-            if cell is None or _duplicate(study, trial):  # another sweep's cell, or already taken
-                storage.set_trial_user_attr(trial._trial_id, ERROR, "not this worker's cell" if cell is None else "duplicate")
+        while (trial := _claim(study, storage, set(by_key))) is not None:
+            cell = by_key[trial.user_attrs[CELL]]
+            if _duplicate(study, trial):  # two workers enqueued this cell; the earlier trial runs it
+                storage.set_trial_user_attr(trial._trial_id, ERROR, "duplicate")
                 storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED)
                 continue
             start = time.perf_counter()

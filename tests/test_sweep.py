@@ -87,3 +87,17 @@ def test_seeds_and_grid_errors_are_one_line():
             parse_seeds(bad)
     with pytest.raises(UserError, match="the same run"):
         SweepSpec(("kd", "kd"), (0,), ("tiny",)).cells()
+
+
+def test_sweeps_of_other_grids_under_one_name_leave_each_others_cells_alone(workdir):
+    from kdbench.sweep import _enqueue, _open_study
+
+    other = SweepSpec(("none",), (0,), ("tiny",), SETS, name="shared")
+    cells = other.cells()
+    study, storage = _open_study(other, cells)
+    _enqueue(study, storage, cells, reclaim=False)  # another worker's grid, not started yet
+    mine = sweep(SweepSpec(("kd:cirkd",), (0,), ("tiny",), SETS, name="shared"), quiet=True)
+    assert mine.count("ran") == 1
+    states = {t.user_attrs["label"]: t.state.name for t in _trials("shared")}
+    assert states == {"none (default) seed 0 [tiny]": "WAITING", "kd (cirkd) seed 0 [tiny]": "COMPLETE"}
+    assert sweep(other, quiet=True).count("ran") == 1  # its own worker runs it
