@@ -95,5 +95,5 @@ def test_two_processes_log_once_and_a_killed_run_resumes_to_the_same_end(workdir
     b = torch.load(ckpt, weights_only=True)
     assert a["step"] == b["step"] == total
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
-    last = lambda out: [line for line in out.splitlines() if "mIoU" in line][0].split("[")[0]  # noqa: E731
+    last = lambda out: [line for line in out.splitlines() if "mIoU" in line][-1].split("[")[0]  # noqa: E731  (the final line)
     assert last(full.stdout) == last(resumed.stdout)
