@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -187,12 +188,19 @@ def resolve_storage(url: str) -> Any:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(own)))
-    try:
-        # several processes on one SQLite file wait for each other's writes instead of failing
-        kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60 if not url.startswith("sqlite") else None)
-    except Exception as err:
-        raise UserError(f"--storage: cannot open {url} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    # several processes on one SQLite file wait for each other's writes instead of failing
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60 if not url.startswith("sqlite") else None)
+        except Exception as err:
+            # two workers that create a new database at once: one of them loses the race to
+            # write its schema (IntegrityError); the schema is there on the next try
+            if type(err).__name__ == "IntegrityError" and attempt < 2:
+                time.sleep(1 + attempt)
+                continue
+            raise UserError(f"--storage: cannot open {url} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(spec: StudySpec) -> Any:
