@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.errors import UserError
+from kdbench.recipe import TeacherConfig
 from kdbench.schema import Metric, Param, Role, RunCol, Tag, column, decode_param, encode_param, metric_col, param_col, tag_col
 
 Format = Literal["md", "latex", "csv", "html"]
@@ -112,7 +114,7 @@ class Variant:
     @property
     def label(self) -> str:
         if self.is_teacher:
-            return f"teacher ({self.teacher})"
+            return " ".join([f"teacher ({self.teacher})", *(f"{k}={_short(v)}" for k, v in self.options)])
         text = " ".join([f"{self.method} ({self.preset})", *(f"{k}={_short(v)}" for k, v in self.options)])
         if self.setting:
             text += "; " + " ".join(f"{k}={_short(v)}" for k, v in self.setting)
@@ -289,6 +291,17 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU, newest_only: bool
             options[i] = tuple(opts)
     t["options"] = [options.get(i, ()) for i in t.index]
 
+    # the teacher's recipe keys that differ between runs (e.g. a teacher trained with CBAM taps for
+    # AttnFD's paper preset): two teachers of one architecture are two rows, each named by them
+    tcols = [c for c in runs.columns if c.startswith(param_col("teacher.")) and c != param_col("teacher.checkpoint")]
+    tvary = sorted(c for c in tcols if runs.loc[t.index, c].dropna().nunique() > 1)
+    default = json.loads(json.dumps(dataclasses.asdict(TeacherConfig())))  # tuples as the lists they are logged as
+    t["teacher_opts"] = [
+        tuple((k, v) for k, v in ((c[len(param_col("teacher.")) :], _text(runs.at[i, c]) or MISSING) for c in tvary) if not _same(v, default.get(k)))
+        for i in t.index
+    ]
+    t.loc[~students, "options"] = t.loc[~students, "teacher_opts"]
+
     # recipe keys that differ between the student runs of a group: a different setting, not a rerun
     pcol = param_col("")
     setting_cols = [c for c in runs.columns if c.startswith(pcol) and not _not_setting(c[len(pcol) :])]
@@ -327,13 +340,14 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
         keys = [Variant(Role.STUDENT, r.method, r.preset, r.options, r.setting) for r in mine.itertuples()]
         for v in dict.fromkeys(keys):
             runs_of[(v, g)] = mine[[k == v for k in keys]]
-        for tch in sorted(set(mine["teacher"])):  # a teacher run belongs to the groups it taught
-            rows = teachers[(teachers["dataset"] == g.dataset) & (teachers["student"] == tch)]
+        taught_by = mine[mine["method"] != "none"]  # a plain student logs the recipe's teacher but has none
+        for tch, topts in sorted(set(zip(mine["teacher"], mine["teacher_opts"]))):  # a teacher run belongs to the groups it taught
+            rows = teachers[(teachers["dataset"] == g.dataset) & (teachers["student"] == tch) & (teachers["teacher_opts"].map(repr) == repr(topts))]
             if rows.empty and metric == Metric.MIOU:  # trained in another store: its students carry its mIoU
-                taught = mine[(mine["teacher"] == tch) & mine["teacher_miou"].notna()]
+                taught = taught_by[(taught_by["teacher"] == tch) & (taught_by["teacher_opts"].map(repr) == repr(topts)) & taught_by["teacher_miou"].notna()]
                 rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan, params=math.nan)
-            runs_of[(Variant(Role.TEACHER, "none", "-", teacher=tch), g)] = rows
-    teacher_rows = sorted({v for v, _ in runs_of if v.is_teacher}, key=lambda v: v.teacher)
+            runs_of[(Variant(Role.TEACHER, "none", "-", topts, teacher=tch), g)] = rows
+    teacher_rows = sorted({v for v, _ in runs_of if v.is_teacher}, key=lambda v: (v.teacher, len(v.options), v.options))
     student_rows = sorted({v for v, _ in runs_of if not v.is_teacher}, key=lambda v: (v.setting, not v.is_plain, v.method, v.preset, v.options))
     variants = teacher_rows + student_rows
 

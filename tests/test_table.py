@@ -272,6 +272,24 @@ def test_a_recipe_key_that_differs_splits_rows_and_baselines():
         assert math.isclose(table.cell(v, g)["delta"], 0.03) and table.cell(v, g)["n_paired"] == 4
 
 
+def test_two_teachers_of_one_architecture_are_two_rows():
+    """AttnFD's paper preset distils from a teacher trained with CBAM taps, the other methods from
+    the plain one: both teachers are rows, named by the teacher key that differs, each with its own
+    run (or, trained in another store, the mIoU its students carry)."""
+    plain, cbam = {param_col("teacher.attention_taps"): "[]"}, {param_col("teacher.attention_taps"): '["backbone"]'}
+    rows = [{**_run(Role.TEACHER, "none", "-", 0, 0.75, student=TEACHER), **plain}]
+    rows += [{**_run(Role.TEACHER, "none", "-", 0, 0.71, student=TEACHER, t=3), **cbam}]
+    rows += [{**_run(Role.STUDENT, "none", "default", s, v), **plain} for s, v in enumerate(NONE)]
+    rows += [{**_run(Role.STUDENT, "attnfd", "paper", s, v, tags={Tag.TEACHER_MIOU: "0.71"}), **cbam} for s, v in enumerate(KD)]
+    table = build_table(pd.DataFrame(rows))
+    (g,) = table.groups
+    assert [v.label for v in table.variants[:2]] == [f"teacher ({TEACHER})", f'teacher ({TEACHER}) attention_taps=["backbone"]']
+    assert [table.cell(v, g)["mean"] for v in table.variants[:2]] == [0.75, 0.71]
+    fallback = build_table(pd.DataFrame(rows[2:]))  # no teacher runs: the CBAM teacher's mIoU from its students
+    assert fallback.cell(fallback.variants[1], g)["mean"] == pytest.approx(0.71)
+    assert fallback.cell(fallback.variants[0], g)["n"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # formats
 
