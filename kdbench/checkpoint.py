@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,4 +36,17 @@ def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled code, wrong format
-        raise UserError(f"{what}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise load_error(what, path, err) from None
+
+
+def load_error(what: str, path: str | Path, err: Exception, noun: str = "") -> UserError:
+    """One line for a file ``torch.load(weights_only=True)`` refused: pickled code, or not a checkpoint."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's message has terminal colour codes
+    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if code:
+        return UserError(
+            f"{what}: {path} holds pickled code ({code.group(1)}), which kdbench never runs (weights_only loading); "
+            "save only tensors, e.g. torch.save({'model': model.state_dict()}, path)"
+        )
+    first = text.splitlines()[0][:160] if text else ""
+    return UserError(f"{what}: cannot read {noun}{path} ({type(err).__name__}: {first}); expected a whole checkpoint file: is it truncated, or of another format?")

@@ -98,7 +98,6 @@ def run(
     (train.batch_size is the global batch).
     """
     from kdbench.recipe import load_recipe
-    from kdbench.run import run as run_fn
     from kdbench.runtime import is_main_process
 
     overrides = runtime_overrides(device, precision, compile_) + list(set_ or [])
@@ -111,6 +110,8 @@ def run(
         method, preset, recipe = study_method, preset or study_preset, recipe or study_recipe
         overrides = study_sets + overrides  # the user's own --set still wins
     r = load_recipe(recipe, overrides, method=method, preset=preset, seed=seed)
+    from kdbench.run import run as run_fn  # after the recipe: a bad one fails before MLflow and the data code load
+
     result = run_fn(r, resume=resume, quiet=quiet)
     if not is_main_process():
         return
@@ -475,16 +476,20 @@ def main() -> None:
     try:
         _main()
     finally:
-        from kdbench.runtime import shutdown
+        if "kdbench.runtime" in sys.modules:  # else nothing started a process group (and torch stays unimported)
+            from kdbench.runtime import shutdown
 
-        shutdown()
+            shutdown()
 
 
 def _main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: keep the worker's own last line
+            message = message.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)

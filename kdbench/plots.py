@@ -128,6 +128,9 @@ def find_runs(experiment: str | None = None, run_ids: Sequence[str] = ()) -> pd.
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from kdbench.tracking import check_reachable
+
+    check_reachable()
     if run_ids:
         client = mlflow.MlflowClient()
         experiments: dict[str, None] = {}

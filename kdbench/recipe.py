@@ -8,6 +8,7 @@ file) before any work starts, and a problem is one ``UserError`` line naming the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -261,7 +262,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise UserError(f"{full}: unknown key (known keys here: {', '.join(names)})")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{full}: unknown key ({hint}known keys here: {', '.join(names)})")
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
@@ -344,6 +347,8 @@ def load_recipe(
 
 def validate(recipe: Recipe) -> Recipe:
     """Impossible values and missing files; also resolves the method section against its class."""
+    import timm
+
     from kdbench.methods import get_method_class, registry, resolve_config
 
     t, d = recipe.train, recipe.data
@@ -390,6 +395,10 @@ def validate(recipe: Recipe) -> Recipe:
         bad = set(m.attention_taps) - {"backbone", "encoder", "decoder"}
         if bad:
             raise UserError(f"{section}.attention_taps: unknown taps {sorted(bad)}; use backbone, encoder, decoder")
+        if not timm.is_model(m.backbone):  # here, not when the model is built after the teacher's training
+            close = difflib.get_close_matches(m.backbone, timm.list_models(), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(f"{section}.backbone: timm has no model {m.backbone!r} ({hint}see timm.list_models('resnet*'))")
         if isinstance(m.pretrained, str) and not Path(m.pretrained).expanduser().is_file():
             raise UserError(f"{section}.pretrained: no weights file {m.pretrained}")
     ckpt = recipe.teacher.checkpoint

@@ -30,7 +30,7 @@ from kdbench.progress import make_console
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
 from kdbench.schema import Metric, Role, Tag
-from kdbench.tracking import NullTracker, Tracker
+from kdbench.tracking import NullTracker, Tracker, check_reachable
 
 console = Console(stderr=True)
 
@@ -66,6 +66,8 @@ def teacher_cache_path(recipe: Recipe) -> Path:
 def load_teacher(recipe: Recipe, path: Path, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A frozen teacher in eval mode; a checkpoint that does not fit the recipe is a UserError."""
     ckpt = load(path, "teacher.checkpoint")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", {}), dict):
+        raise UserError(f"teacher.checkpoint: {path} holds a {type(ckpt).__name__}, not a model checkpoint (a state_dict, or a dict with 'model' and 'meta')")
     state, meta = (ckpt["model"], ckpt.get("meta", {})) if "model" in ckpt else (ckpt, {})
     expected = _model_meta(recipe.teacher, num_classes)
     for key in ("arch", "backbone", "num_classes", "attention_taps"):
@@ -103,6 +105,7 @@ def train_teacher_once(recipe: Recipe, splits: Splits | None = None, quiet: bool
     on one cache (a sweep's workers, two terminals) train it once: the first holds a file lock, the
     others wait for it and then load what it wrote."""
     rt = rt or make_runtime(recipe.runtime)
+    check_reachable(recipe.tracking.uri)  # before any message or work, not after the teacher's data
     path = teacher_cache_path(recipe)
     with _cache_lock(path, rt):
         if rt.broadcast(path.is_file()):
@@ -195,6 +198,7 @@ def run(
 ) -> RunResult:
     """Distil the recipe's teacher into its student with the recipe's method."""
     rt = make_runtime(recipe.runtime)
+    check_reachable(recipe.tracking.uri)  # a server that is not there: one line now, not after data and teacher
     m = recipe.method
     run_dir = Path(recipe.output_dir) / f"{m.name}-{recipe.hash()}"
     if resume and not rt.broadcast((run_dir / "last.pt").is_file()):  # before any work: a typo'd --set or

@@ -165,8 +165,11 @@ def search_runs(experiments: list[str] | None = None, filter_string: str = "", u
     """The runs of the experiments (all kdbench experiments when None) as one DataFrame, newest first."""
     import mlflow
 
+    from kdbench.tracking import check_reachable
+
     if uri:
         mlflow.set_tracking_uri(uri)
+    check_reachable()
     if experiments is None:
         experiments = [e.name for e in mlflow.search_experiments() if e.name.startswith("kdbench-")]
         if not experiments:

@@ -49,6 +49,7 @@ def load_runs(experiments: Sequence[str] | None = None, uri: str | None = None) 
     import mlflow
 
     from kdbench.schema import search_runs
+    from kdbench.tracking import check_reachable
 
     if uri:
         mlflow.set_tracking_uri(uri)
@@ -59,6 +60,7 @@ def load_runs(experiments: Sequence[str] | None = None, uri: str | None = None) 
             f"no MLflow store at {where}; run the table where the runs were made (or `kdbench run --method kd` first), "
             "or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store that has them"
         )
+    check_reachable()
     names = [e.name for e in mlflow.search_experiments()]
     known = ", ".join(n for n in names if n.startswith("kdbench-")) or "none"
     for name in experiments or []:

@@ -23,12 +23,36 @@ def git_commit() -> str:
         return "unknown"
 
 
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is one UserError now, not minutes of MLflow's retries.
+
+    Any HTTP answer (even 401 or 404) counts as reachable, and so does a TLS failure (MLflow may be
+    told to trust that certificate); only a refused, unresolvable or silent server does not."""
+    import requests
+
+    from kdbench.errors import UserError
+
+    uri = uri or mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.exceptions.SSLError:
+        return
+    except requests.exceptions.RequestException as err:
+        raise UserError(
+            f"MLflow tracking server {uri} is not reachable ({type(err).__name__}); start it, or point "
+            "MLFLOW_TRACKING_URI (or tracking.uri, --tracking-uri) at one that runs, or at a local store such as sqlite:///mlflow.db"
+        ) from None
+
+
 class Tracker:
     """A thin, explicit wrapper: start (or reopen) a run, log, end with a status."""
 
     def __init__(self, uri: str | None, experiment: str) -> None:
         if uri:
             mlflow.set_tracking_uri(uri)
+        check_reachable()
         self.experiment = experiment
         self.client = mlflow.MlflowClient()
         self.run_id: str | None = None

@@ -8,6 +8,7 @@ group. Adding a method is adding one file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata
 import pkgutil
@@ -82,7 +83,9 @@ def resolve_config(name: str, preset: str | None, overrides: dict[str, Any], whe
     for key, value in {**presets[preset], **overrides}.items():
         if key not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise UserError(f"{where}.{key}: unknown hyper-parameter of {name!r} (it has: {known})")
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{where}.{key}: unknown hyper-parameter of {name!r} ({hint}it has: {known})")
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         cfg = cls.Config(**values)

@@ -99,6 +99,8 @@ class AttnFDConfig:
         bad = [layer for layer in self.layers if layer not in LAYERS]
         if bad or not self.layers:
             raise ValueError(f"attnfd layers: expected a non-empty subset of {list(LAYERS)}, got {self.layers}")
+        if self.alpha < 0:
+            raise ValueError(f"attnfd: alpha must be >= 0, got {self.alpha}")
 
 
 class AttnFD(Method):

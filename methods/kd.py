@@ -55,6 +55,12 @@ class KDConfig:
         "logits", "'logits': before upsampling (z); 'out': upsampled to the input size", choices=("logits", "out")
     )
 
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"kd: weight must be >= 0, got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"kd: temperature must be > 0, got {self.temperature}")
+
 
 class KD(Method):
     """Hinton's KD on every pixel of the logits."""

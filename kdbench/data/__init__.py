@@ -103,6 +103,8 @@ def build_splits(
             kwargs = {"use_sbd": use_sbd}
         train_set = VOCSegmentation(path, "train", train_tf, **kwargs)
         val = VOCSegmentation(path, "val", eval_tf, **kwargs)
+        for split in (train_set, val):  # a set in another format (RGB or other-id masks) fails now, not mid-run
+            split.read(0)
 
     holdout: Dataset | None = None
     train: Dataset = train_set

@@ -56,6 +56,16 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
+def _open(path: Path) -> Image.Image:
+    """The image at ``path``, read now: a file PIL cannot read is a UserError naming it."""
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except (OSError, ValueError, SyntaxError) as err:  # UnidentifiedImageError, truncated or broken files
+        raise UserError(f"VOC: {path} is not an image PIL can read ({type(err).__name__}); replace it or drop its id from the split list") from None
+
+
 def _names(folder: Path) -> set[str]:
     """One directory listing instead of one stat per id: 10,582 SBD ids scan in milliseconds."""
     return set(os.listdir(folder)) if folder.is_dir() else set()
@@ -116,14 +126,32 @@ class VOCSegmentation(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[Image.Image, np.ndarray]:
-        image = Image.open(self.images[index]).convert("RGB")
-        with Image.open(self.labels[index]) as label:
+        image, mask = self.read(index)
+        if self.transform is None:
+            return image, mask
+        return self.transform(image, mask)
+
+    def read(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """Image and mask ``index``, checked: a file that is no image, a mask of another size or with
+        label ids past the classes (other than 255) is a UserError naming the file."""
+        image = _open(self.images[index]).convert("RGB")
+        with _open(self.labels[index]) as label:
             if label.mode not in ("P", "L"):
                 raise UserError(
                     f"VOC: {self.labels[index]} is a {label.mode} image; labels must be palette or grayscale "
                     "PNGs whose pixel values are class ids"
                 )
             mask = np.array(label)  # palette indices, not colours
-        if self.transform is None:
-            return image, mask
-        return self.transform(image, mask)
+        if mask.shape != (image.height, image.width):
+            raise UserError(
+                f"VOC: image {self.images[index]} {(image.height, image.width)} and its mask {self.labels[index]} "
+                f"{mask.shape} differ in size (H, W); a mask must label every pixel of its image"
+            )
+        if mask.max() >= self.num_classes:  # 255 = ignore; any other id past the classes breaks the loss
+            bad = np.unique(mask[(mask >= self.num_classes) & (mask != 255)])
+            if bad.size:
+                raise UserError(
+                    f"VOC: {self.labels[index]} holds label ids {bad[:5].tolist()}, but the dataset has {self.num_classes} "
+                    f"classes (ids 0-{self.num_classes - 1}, 255 = ignore); fix the mask or drop its id from the split list"
+                )
+        return image, mask

@@ -28,7 +28,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"pretrained: cannot read weights file {path} ({type(err).__name__}: {_first_line(err)})") from None
+        from kdbench.checkpoint import load_error
+
+        raise load_error("pretrained", path, err, "weights file ") from None
     for wrapper in ("state_dict", "model"):  # common training-checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
