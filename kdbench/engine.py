@@ -22,11 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kdbench.checkpoint import save_atomic
-from kdbench.errors import UserError
+from kdbench.errors import NonFiniteLoss, UserError
 from kdbench.metrics import SegMetrics, confusion_matrix
 from kdbench.methods import Method
 from kdbench.progress import make_progress
 from kdbench.recipe import EvalConfig, TrainConfig
+from kdbench.schema import Metric
 from kdbench.cuda_graphs import StepGraph, graphed, portable
 from kdbench.runtime import Runtime, float32, fused_on
 
@@ -145,6 +146,9 @@ class TrainState:
     method_forward: Callable[..., Any] | None = None
     #: the whole step as a CUDA graph (one GPU, bf16/fp32, not compiled), else None
     step_graph: StepGraph | None = None
+    #: train.on_nonfinite == "skip": a step whose loss is not finite updates nothing
+    skip_nonfinite: bool = False
+    skipped_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.student_forward is None:
@@ -199,7 +203,8 @@ def build_state(
         teacher_forward=teacher_forward,
         method_forward=method_forward,
     )
-    if rt.cuda and rt.cuda_graphs and not (rt.compile or rt.distributed or rt.precision == "fp16"):
+    state.skip_nonfinite = cfg.on_nonfinite == "skip"
+    if rt.cuda and rt.cuda_graphs and not (rt.compile or rt.distributed or rt.precision == "fp16" or state.skip_nonfinite):
         # across processes DDP's bucketed all-reduce and under fp16 the GradScaler's inf checks
         # need the host between kernels; there only the teacher's forward is a graph
         state.step_graph = StepGraph(
@@ -242,6 +247,9 @@ def update(state: TrainState, images: torch.Tensor, target: torch.Tensor, whole_
     rt, method = state.runtime, state.method
     teacher_forward = state.teacher if whole_step_graph else state.teacher_forward
     t_out: dict[str, torch.Tensor] = {}
+    if state.skip_nonfinite:  # a skipped step must not leave its BatchNorm statistics behind either
+        buffers = [b for m in (state.student, method) if m is not None for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
     with rt.autocast():
         if state.teacher is not None and (method is None or method.needs_teacher):
             with torch.no_grad():
@@ -252,15 +260,21 @@ def update(state: TrainState, images: torch.Tensor, target: torch.Tensor, whole_
             terms.update(state.method_forward(s_out, t_out, target))
     total = sum(terms.values())
     state.optimizer.zero_grad(set_to_none=True)
+    logged = {Metric.loss(k): v.detach() for k, v in terms.items()}
+    logged[Metric.LOSS_TOTAL] = total.detach()
+    if state.skip_nonfinite and not bool(torch.isfinite(total)):  # waits for the device: skip mode only
+        state.skipped_steps += 1
+        with torch.no_grad():
+            for b, old in zip(buffers, saved):
+                b.copy_(old)
+        return logged
     rt.backward(total)
     if method is not None and rt.distributed:
         rt.all_reduce_grads(method.student_parameters())
     rt.step(state.optimizer)
-    logged = {f"loss/{k}": v.detach() for k, v in terms.items()}
-    logged["loss/total"] = total.detach()
     if method is not None:
         detached = {k: v.detach() for k, v in s_out.items()}
-        logged.update({f"loss/{k}": v for k, v in method.own_step(detached, t_out, target, rt).items()})
+        logged.update({Metric.loss(k): v for k, v in method.own_step(detached, t_out, target, rt).items()})
     return logged
 
 
@@ -341,6 +355,41 @@ def evaluate(
 # the loop
 
 
+class NonFiniteWatch:
+    """Remembers the first step with a loss term (the method's own included) that is NaN or
+    infinite, without waiting for the device; ``check``, called where the loop waits anyway (log
+    intervals, evaluations, checkpoints; every step on the CPU), stops the run. So a checkpoint is
+    never written after a non-finite step: the last one is the last good one."""
+
+    def __init__(self, label: str = "training") -> None:
+        self.label = label
+        self.keys: list[str] = []
+        self.first: torch.Tensor | None = None  #: the step, -1 while all were finite
+        self.values = torch.zeros(0)
+
+    def see(self, step: int, logged: dict[str, torch.Tensor]) -> None:
+        if list(logged) != self.keys:  # another set of terms (a phase of the method): settle the old first
+            self.check()
+            self.keys, self.first = list(logged), None
+        values = torch.stack([v.detach().float().reshape(()) for v in logged.values()])
+        if self.first is None:
+            self.first, self.values = torch.full((), -1, dtype=torch.long, device=values.device), torch.zeros_like(values)
+        new = ~torch.isfinite(values).all() & (self.first < 0)
+        self.first = torch.where(new, step, self.first)
+        self.values = torch.where(new, values, self.values)
+
+    def check(self) -> None:
+        if self.first is None or int(self.first) < 0:
+            return
+        values = dict(zip(self.keys, self.values.tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        named = ", ".join(f"{k}={values[k]}" for k in [k for k in bad if k != Metric.LOSS_TOTAL] or bad)
+        raise NonFiniteLoss(
+            f"{self.label}: non-finite loss at step {int(self.first)} ({named}); the last checkpoint is from before it. "
+            "Lower train.lr or the method's weights, or set train.on_nonfinite=skip to skip such steps"
+        )
+
+
 @dataclass
 class LoopHooks:
     """How the loop talks to the world: logging, evaluation, checkpoints. All optional."""
@@ -364,6 +413,7 @@ def state_dict(state: TrainState) -> dict[str, Any]:
         "scheduler": portable(state.scheduler.state_dict()),
         "scalers": state.runtime.scaler_states(),
         "step": state.step,
+        "skipped_steps": state.skipped_steps,
         "history": state.history,
         "rng": state.runtime.rng_states(),
     }
@@ -378,6 +428,7 @@ def load_state(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.runtime.load_scaler_states(ckpt.get("scalers", {}))
     state.step = ckpt["step"]
+    state.skipped_steps = ckpt.get("skipped_steps", 0)
     state.history = list(ckpt["history"])
     state.runtime.set_rng_states(ckpt["rng"])
 
@@ -419,33 +470,46 @@ def run_loop(
         state.history.append({"step": state.step, "miou": metrics.miou})
         if progress and hasattr(bar, "console"):
             bar.console.print(f"{label} step {state.step}/{total}: val mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f})", markup=False, highlight=False)
-        hooks.log({"val/miou": metrics.miou, "val/pixel_acc": metrics.pixel_acc}, state.step)
+        hooks.log({Metric.VAL_MIOU: metrics.miou, Metric.VAL_PIXEL_ACC: metrics.pixel_acc}, state.step)
         hooks.on_eval(state.step, metrics)
 
     loader = train_batches(train_set, cfg.batch_size, seed, state.step, total, workers, rt)
     window_start, window_steps = time.perf_counter(), 0
+    watch = None if state.skip_nonfinite else NonFiniteWatch(label)
     with make_progress(enabled=progress) as bar:
         task = bar.add_task(label, total=total, completed=state.step, loss=math.nan, lr=0.0, ips=0.0)
         for images, target in loader:
             logged = train_step(state, images, target)
             window_steps += 1
             step = state.step
+            if watch is not None:
+                watch.see(step, logged)
+                if not rt.cuda:
+                    watch.check()
             if step % cfg.log_interval == 0 or step == total:
                 values = {k: float(v) for k, v in logged.items()}  # the one wait for the device per log interval
-                if not math.isfinite(values["loss/total"]):
-                    bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
-                    raise FloatingPointError(f"non-finite loss at step {step} ({bad}); lower the lr or the method's weights")
+                if watch is not None:
+                    watch.check()
+                else:  # a skipped step's values are not logged; the count is
+                    values = {k: v for k, v in values.items() if math.isfinite(v)}
+                    values[Metric.SKIPPED_STEPS] = state.skipped_steps
                 elapsed = time.perf_counter() - window_start
                 ips = window_steps * cfg.batch_size / elapsed if elapsed > 0 else 0.0
                 lr = float(state.optimizer.param_groups[0]["lr"])
-                hooks.log({**values, "lr": lr, "throughput/images_per_s": ips}, step)
+                hooks.log({**values, Metric.LR: lr, Metric.IMAGES_PER_S: ips}, step)
                 window_start, window_steps = time.perf_counter(), 0
-                bar.update(task, completed=step, loss=values["loss/total"], lr=lr, ips=ips)
+                bar.update(task, completed=step, loss=values.get(Metric.LOSS_TOTAL, math.nan), lr=lr, ips=ips)
             else:
                 bar.update(task, completed=step)
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
+                if watch is not None:
+                    watch.check()
                 do_eval()
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < total:
+                if watch is not None:
+                    watch.check()
                 checkpoint()
             hooks.after_step(step)
+    if watch is not None:
+        watch.check()
     checkpoint()

@@ -12,3 +12,8 @@ class Stopped(Exception):
     def __init__(self, reason: str, tags: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.tags = dict(tags or {})
+
+
+class NonFiniteLoss(UserError):
+    """A loss term became NaN or infinite: the recipe's settings diverge (a UserError: one line, exit
+    2). The run ends FAILED with this message."""

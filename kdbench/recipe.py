@@ -69,6 +69,11 @@ class DataConfig:
     workers: int | Literal["auto"] = "auto"
 
 
+#: metadata of a key that says how a run copes, not what it computes: hashes (run folders, sweep
+#: cells, cached teachers) leave it out, so adding such a key keeps every existing hash
+UNHASHED = {"hashed": False}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
@@ -121,6 +126,10 @@ class TrainConfig:
     #: write a resumable checkpoint every N iterations (0: only at the end)
     checkpoint_interval: int = 100
     log_interval: int = 10
+    #: a step whose loss is NaN or infinite: "stop" the run (naming the step and the term; the last
+    #: checkpoint stays the last good one), or "skip" its update (counted in `train/skipped_steps`;
+    #: waits for each step's loss, so no CUDA graph of the step)
+    on_nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=UNHASHED)
 
 
 @dataclass(frozen=True)
@@ -184,8 +193,18 @@ class Recipe:
         """Plain nested dict (lists, not tuples): what YAML, MLflow params and hashes see."""
         return _plain(dataclasses.asdict(self))
 
+    def hashed_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the UNHASHED keys: what a hash sees."""
+        return _plain(_hashed(self))
+
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.hashed_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _hashed(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("hashed", True)}
+    return obj
 
 
 def _plain(obj: Any) -> Any:
@@ -435,7 +454,7 @@ def per_method_config(recipe: Recipe, name: str, preset: str | None = None) -> A
 
 def teacher_key(recipe: Recipe) -> str:
     """Cache key of a teacher trained by kdbench: what it is, what it learns from and how."""
-    r = recipe.to_dict()
+    r = recipe.hashed_dict()
     train = {k: v for k, v in r["train"].items() if k not in ("iterations", "eval_interval", "checkpoint_interval", "log_interval")}
     teacher = {k: v for k, v in r["teacher"].items() if k != "checkpoint"}
     data = {k: v for k, v in r["data"].items() if k not in ("workers", "holdout_fraction")}

@@ -58,6 +58,7 @@ class Metric:
     VAL_PIXEL_ACC = "val/pixel_acc"
     LR = "lr"
     IMAGES_PER_S = "throughput/images_per_s"
+    SKIPPED_STEPS = "train/skipped_steps"  #: steps with a non-finite loss that updated nothing (train.on_nonfinite=skip)
     PARAMS = "model/params"  #: parameters of the trained model (the student's, in a student run)
     LOSS_TOTAL = "loss/total"
     IOU_PREFIX = "iou/"

@@ -1,12 +1,13 @@
 """End-to-end runs of the tiny recipe: MLflow contents, teachers, resume, every method and preset."""
 
 import math
+import re
 
 import mlflow
 import pytest
 import torch
 
-from kdbench.errors import UserError
+from kdbench.errors import NonFiniteLoss, UserError
 from kdbench.methods import registry
 from kdbench.recipe import load_recipe
 from kdbench.run import run, teacher_cache_path
@@ -112,3 +113,24 @@ def test_two_first_runs_train_the_teacher_once(workdir):
     assert (runs["tags.kdbench.role"] == "teacher").sum() == 1
     assert (runs["tags.kdbench.role"] == "student").sum() == 2
     assert sum("No trained teacher" in err for _, err in outs) == 1
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(workdir):
+    """A learning rate of 1e8 blows the plain student up within a few steps: the run stops naming
+    the step and the term, ends FAILED with that message, and its checkpoint is from before it."""
+    sets = ["train.lr=1e8", "train.iterations=8", "train.checkpoint_interval=1", "train.eval_interval=0"]
+    recipe = load_recipe("tiny", sets, method="none")
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step (\d+) \(loss/task=nan\)") as err:
+        run(recipe, quiet=True)
+    bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    ckpt = torch.load(workdir / "runs" / f"none-{recipe.hash()}" / "last.pt", weights_only=True)
+    assert 1 < bad_step <= 8 and ckpt["step"] == bad_step - 1
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    (failed,) = _runs().to_dict("records")
+    assert failed["status"] == "FAILED" and "non-finite loss at step" in failed["tags.error"]
+
+    skipping = run(load_recipe("tiny", [*sets, "train.on_nonfinite=skip", "output_dir=skip"], method="none"), quiet=True)
+    skipped = mlflow.get_run(skipping.run_id).data.metrics["train/skipped_steps"]
+    assert skipped == 8 - (bad_step - 1)  # every step from the first bad one on: the weights stay as they were
+    weights = torch.load(skipping.checkpoint, weights_only=True)["student"]
+    assert all(torch.isfinite(v).all() for v in weights.values()) and all(torch.equal(weights[k], ckpt["student"][k]) for k in weights)
