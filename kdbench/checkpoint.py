@@ -11,22 +11,46 @@ from typing import Any
 import torch
 
 from kdbench.errors import UserError
+from kdbench.faults import fault_point
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    """Write to a temp file in the same folder, then rename: a kill never leaves half a file, and a
+    failed write (disk full, no permission) leaves the previous file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
+            fault_point("checkpoint")
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        kept = "; the previous one is intact" if path.is_file() else ""
+        raise UserError(f"cannot write {path} ({err.strerror or err}){kept}: free some space or choose another output_dir, then continue with --resume") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
+
+
+def writable_folder(folder: str | Path, what: str) -> Path:
+    """The folder, created if needed; one line (naming the recipe key ``what``) if it cannot be
+    written, before any work rather than at the first checkpoint."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise UserError(f"{what}: cannot write in {folder} ({err.strerror or err}); choose another with --set {what}=DIR") from None
+    return folder
 
 
 def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:

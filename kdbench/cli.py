@@ -484,7 +484,8 @@ def main() -> None:
 
 def _main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode typer returns the code of a typer.Exit (130 for Ctrl-C) instead of exiting
+        code = app(standalone_mode=False)
     except UserError as err:
         message = str(err)
         if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: keep the worker's own last line
@@ -492,16 +493,17 @@ def _main() -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = 130
     except Exception as err:  # usage errors (bad option, bad value) arrive here with standalone_mode=False
         if isinstance(err, _click_errors()):
             command = getattr(getattr(err, "ctx", None), "command_path", None) or "kdbench"
             print(f"error: {err.format_message()} (see `{command} --help`)", file=sys.stderr)
             sys.exit(2)
         raise
+    if code == 130:
+        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _click_errors() -> tuple[type, ...]:

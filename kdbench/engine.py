@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kdbench.checkpoint import save_atomic
 from kdbench.errors import NonFiniteLoss, UserError
+from kdbench.faults import fault_point
 from kdbench.metrics import SegMetrics, confusion_matrix
 from kdbench.methods import Method
 from kdbench.progress import make_progress
@@ -344,6 +345,7 @@ def evaluate(
                     pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
                 cm += confusion_matrix(pred, target, num_classes, IGNORE)
                 bar.advance(task)
+                fault_point("eval")
     finally:
         torch.backends.cudnn.benchmark = benchmark
         model.train(was_training)
@@ -510,6 +512,7 @@ def run_loop(
                     watch.check()
                 checkpoint()
             hooks.after_step(step)
+            fault_point("step")
     if watch is not None:
         watch.check()
     checkpoint()

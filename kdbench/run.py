@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from kdbench.checkpoint import load, save_atomic
+from kdbench.checkpoint import load, save_atomic, writable_folder
 from kdbench.data import Splits, load_splits, resolve_cache_dir
 from kdbench.engine import LoopHooks, build_state, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
@@ -128,7 +128,7 @@ def _cache_lock(path: Path, rt: Runtime) -> Iterator[None]:
         return
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_folder(path.parent, "cache_dir")
     with open(path.parent / "training.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -269,6 +269,8 @@ def _train(
     state = build_state(model, method, teacher, train_cfg, rt, steps_per_epoch)
     quiet = quiet or not rt.is_main
     ckpt_path = run_dir / "last.pt"
+    if rt.is_main:
+        writable_folder(run_dir, "output_dir")
     run_id = None
     if resume and rt.broadcast(ckpt_path.is_file()):
         ckpt = load(ckpt_path, "--resume")

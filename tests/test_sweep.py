@@ -16,6 +16,7 @@ from kdbench.cli import parse_seeds
 from kdbench.errors import UserError
 from kdbench.schema import Role, Tag, tag_col
 from kdbench.sweep import SweepSpec, sweep
+from tests.cli_fork import ForkedCLI
 
 SETS = ("train.eval_interval=0",)
 
@@ -55,9 +56,12 @@ def test_a_failed_cell_is_reported_and_the_others_run(workdir):
     assert [r.state for r in result.results] == ["failed", "ran"]
     assert "non-finite loss" in result.results[0].error
     assert sorted(t.state.name for t in _trials("f")) == ["COMPLETE", "FAIL"]
-    # the failed cell is a hole: the next sweep tries it again, the rest is done
-    retry = sweep(spec, quiet=True)
-    assert retry.count("failed") == 1 and retry.count("done") == 1
+    # the failed cell is a hole: the next sweep tries it again, the rest is done; the command exits 1
+    cli = ForkedCLI(workdir / "cli")
+    retry = cli.run(("sweep", "-m", "none", "--seeds", "0", "-r", "diverges.yaml", "-r", "tiny", "--set", SETS[0], "--name", "f", "-q"), workdir, dict(os.environ), 300)
+    cli.close()
+    assert retry.returncode == 1, retry.stderr
+    assert "0 ran, 1 already done, 1 failed" in " ".join(retry.stdout.split()) and "non-finite loss" in retry.stdout
 
 
 def test_two_workers_share_one_grid_without_running_a_cell_twice(workdir):

@@ -1,0 +1,97 @@
+"""Faults lose nothing: real processes killed (SIGKILL) at a step, in the middle of a checkpoint
+write and in the middle of an evaluation, interrupted (Ctrl-C) and failing to write (disk full),
+then continued with `--resume`, end with the same weights and metrics as a run never interrupted.
+
+Each command is its own process (tests/cli_fork.py), killed by `KDBENCH_FAULT` at an exact place.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from kdbench.recipe import load_recipe
+from tests.cli_fork import ForkedCLI
+
+# checkpoints at steps 3 and 6 (and the end, 8), an evaluation at step 4: every fault below strikes
+# after the step-3 checkpoint and before the next one is in place
+SETS = ["train.iterations=8", "train.checkpoint_interval=3", "train.eval_interval=4", "train.log_interval=1"]
+ARGS = ["run", "--recipe", "tiny", "--method", "kd", "--quiet", *(a for s in SETS for a in ("--set", s))]
+
+FAULTS = {  # KDBENCH_FAULT: the exit code, the MLflow status the run is left in
+    "step:5": (-9, "RUNNING"),  # SIGKILL: nothing runs after it, not even MLflow's end of run
+    "checkpoint:2": (-9, "RUNNING"),  # the step-6 checkpoint written to its temp file, not renamed
+    "eval:1": (-9, "RUNNING"),  # the step-4 evaluation, after its first batch
+    "step:5:int": (130, "KILLED"),  # Ctrl-C
+    "checkpoint:2:enospc": (2, "FAILED"),  # disk full while writing the step-6 checkpoint
+}
+
+
+def _env(d: Path, fault: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "KDBENCH_FAULT"}
+    env.update(KDBENCH_CACHE=str(d / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{d / 'mlflow.db'}")
+    return {**env, "KDBENCH_FAULT": fault} if fault else env
+
+
+def _last(d: Path, out: str) -> dict:
+    recipe = load_recipe("tiny", [*SETS, f"output_dir={out}"], method="kd")
+    return torch.load(d / out / f"kd-{recipe.hash()}" / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    """The uninterrupted run, then every fault and its resume (two at a time)."""
+    d = tmp_path_factory.mktemp("faults")
+    cli = ForkedCLI(d / "cli")
+    full = cli.run((*ARGS, "--set", "output_dir=full"), d, _env(d), 600)
+    assert full.returncode == 0, full.stderr
+
+    def fault_then_resume(i_fault):
+        i, fault = i_fault
+        out = ("--set", f"output_dir=f{i}")
+        hit = cli.run((*ARGS, *out), d, _env(d, fault), 600)
+        after = _last(d, f"f{i}")
+        stale = sorted(p.name for p in (d / f"f{i}").rglob("*.tmp"))
+        status = mlflow.MlflowClient(f"sqlite:///{d / 'mlflow.db'}").get_run(after["mlflow_run_id"]).info.status
+        resumed = cli.run((*ARGS, *out, "--resume"), d, _env(d), 600)
+        left = sorted(p.name for p in (d / f"f{i}").rglob("*.tmp"))
+        return fault, (hit, after, stale, status, resumed, _last(d, f"f{i}"), left)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(fault_then_resume, enumerate(FAULTS)))
+    cli.close()
+    mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
+    yield _last(d, "full"), results
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_fault_loses_nothing(outcome, fault):
+    full, results = outcome
+    hit, after, stale, status, resumed, final, left = results[fault]
+    code, expected_status = FAULTS[fault]
+    assert hit.returncode == code, hit.stderr[-2000:]
+    assert after["step"] == 3  # the last complete checkpoint survived the fault
+    assert status == expected_status  # SIGKILL leaves the MLflow run RUNNING: nothing could end it
+    if code == 2:
+        assert hit.stderr.strip().startswith("error: cannot write") and "previous one is intact" in hit.stderr and len(hit.stderr.strip().splitlines()) == 1
+    if code == 130:
+        assert "continue with --resume" in hit.stderr
+    assert bool(stale) == (fault == "checkpoint:2")  # only a killed write leaves its temp file behind...
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not left  # ...and the next write clears it
+    assert final["mlflow_run_id"] == after["mlflow_run_id"]  # the same MLflow run continues and ends
+    assert mlflow.get_run(final["mlflow_run_id"]).info.status == "FINISHED"
+    assert final["step"] == full["step"] == 8
+    for part in ("student", "method"):
+        assert final[part].keys() == full[part].keys()
+        assert all(torch.equal(final[part][k], full[part][k]) for k in full[part]), part
+    assert final["history"] == full["history"]  # the evaluations, the one at step 4 included
+    full_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdbench.role` = 'student'", output_format="list")
+    finals = {r.info.run_id: r.data.metrics["miou"] for r in full_run if "miou" in r.data.metrics}
+    assert len(set(finals.values())) == 1 and final["mlflow_run_id"] in finals  # every run ends with the same mIoU
