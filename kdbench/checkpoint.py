@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -39,6 +40,31 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
         stale.unlink(missing_ok=True)
+
+
+def write_checksum(path: str | Path) -> None:
+    """A ``PATH.sha256`` beside a file that is reused across runs (a cached teacher), so a file
+    damaged later is found before it is used."""
+    path = Path(path)
+    Path(f"{path}.sha256").write_text(_sha256(path) + "\n")
+
+
+def verify_checksum(path: str | Path) -> str | None:
+    """What is wrong with a file against its ``.sha256`` (None: it matches, or has none yet)."""
+    path, sidecar = Path(path), Path(f"{path}.sha256")
+    if not sidecar.is_file():
+        return None
+    if sidecar.read_text().strip() != _sha256(path):
+        return "its content does not match the checksum written when it was cached"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def writable_folder(folder: str | Path, what: str) -> Path:

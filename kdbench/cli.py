@@ -128,6 +128,7 @@ def teacher(
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train it again even if cached (a damaged cache entry).")] = False,
 ) -> None:
     """Train the recipe's teacher once and cache it (also done automatically by `kdbench run`)."""
     from kdbench.recipe import load_recipe
@@ -137,7 +138,7 @@ def teacher(
     if r.teacher.checkpoint:
         raise UserError(f"teacher.checkpoint: this recipe uses the trained teacher {r.teacher.checkpoint}; nothing to train")
     path = teacher_cache_path(r)
-    result = train_teacher_once(r, quiet=quiet)
+    result = train_teacher_once(r, quiet=quiet, retrain=retrain)
     if result is None:
         out.print(f"Teacher already trained and cached: {path}")
         return

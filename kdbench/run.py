@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from kdbench.checkpoint import load, save_atomic, writable_folder
+from kdbench.checkpoint import load, save_atomic, verify_checksum, writable_folder, write_checksum
 from kdbench.data import Splits, load_splits, resolve_cache_dir
 from kdbench.engine import LoopHooks, build_state, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
@@ -97,17 +97,39 @@ def ensure_teacher(recipe: Recipe, splits: Splits, quiet: bool = False, rt: Runt
     if recipe.teacher.checkpoint:
         return load_teacher(recipe, Path(recipe.teacher.checkpoint), splits.num_classes)
     train_teacher_once(recipe, splits, quiet, rt)
-    return load_teacher(recipe, teacher_cache_path(recipe), splits.num_classes)
+    return load_cached_teacher(recipe, splits.num_classes)
 
 
-def train_teacher_once(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None) -> RunResult | None:
-    """Train and cache the recipe's teacher unless it is cached (None then). Runs that start together
-    on one cache (a sweep's workers, two terminals) train it once: the first holds a file lock, the
-    others wait for it and then load what it wrote."""
+def load_cached_teacher(recipe: Recipe, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The cached teacher, checked against its checksum and loaded; a damaged one is never used."""
+    path = teacher_cache_path(recipe)
+    problem = verify_checksum(path)
+    if problem is None:
+        try:
+            model, meta = load_teacher(recipe, path, num_classes)
+        except UserError as err:
+            problem = str(err).split(": ", 1)[-1]
+        else:
+            if not Path(f"{path}.sha256").is_file():  # cached before checksums: it loaded, so keep its sum from now on
+                write_checksum(path)
+            return model, meta
+    raise UserError(
+        f"the cached teacher {path} is damaged ({problem}); train it again with `kdbench teacher --retrain` "
+        "and the recipe and --set options of this run"
+    )
+
+
+def train_teacher_once(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None, retrain: bool = False) -> RunResult | None:
+    """Train and cache the recipe's teacher unless it is cached (None then; ``retrain``: train it
+    anew all the same). Runs that start together on one cache (a sweep's workers, two terminals)
+    train it once: the first holds a file lock, the others wait for it and then load what it wrote."""
     rt = rt or make_runtime(recipe.runtime)
     check_reachable(recipe.tracking.uri)  # before any message or work, not after the teacher's data
     path = teacher_cache_path(recipe)
     with _cache_lock(path, rt):
+        if retrain and rt.is_main:
+            for old in (path, Path(f"{path}.sha256"), path.parent / "last.pt"):
+                old.unlink(missing_ok=True)
         if rt.broadcast(path.is_file()):
             return None
         t = recipe.teacher
@@ -171,6 +193,7 @@ def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = Fa
     if rt.is_main:
         meta = {**_model_meta(t, splits.num_classes), "miou": result.metrics.miou, "mlflow_run_id": result.run_id}
         save_atomic({"model": model.state_dict(), "meta": meta}, path)
+        write_checksum(path)
         (path.parent / "last.pt").unlink(missing_ok=True)  # the resume point is of no use once cached
     rt.barrier()  # the others load it next
     return result

@@ -7,6 +7,7 @@ Each command is its own process (tests/cli_fork.py), killed by `KDBENCH_FAULT` a
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,3 +96,29 @@ def test_a_fault_loses_nothing(outcome, fault):
     full_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdbench.role` = 'student'", output_format="list")
     finals = {r.info.run_id: r.data.metrics["miou"] for r in full_run if "miou" in r.data.metrics}
     assert len(set(finals.values())) == 1 and final["mlflow_run_id"] in finals  # every run ends with the same mIoU
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "truncate, no checksum"])
+def test_a_damaged_cached_teacher_is_never_used(workdir, damage):
+    """A bit flip that still loads is caught by the checksum; a truncated file by the checksum, or
+    by the load check for a teacher cached before checksums. `kdbench teacher --retrain` mends it."""
+    from kdbench.errors import UserError
+    from kdbench.run import run, teacher_cache_path, train_teacher_once
+
+    recipe = load_recipe("tiny", ["train.iterations=2", "train.eval_interval=0"], method="kd")
+    train_teacher_once(recipe, quiet=True)
+    path = teacher_cache_path(recipe)
+    data = bytearray(path.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0x01  # inside a weight tensor: torch.load still reads it
+        torch.load(io.BytesIO(bytes(data)), weights_only=True)
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    if damage.endswith("no checksum"):
+        Path(f"{path}.sha256").unlink()
+    with pytest.raises(UserError, match=r"the cached teacher .*teacher\.pt is damaged .*kdbench teacher --retrain"):
+        run(recipe, quiet=True)
+    assert train_teacher_once(recipe, quiet=True) is None  # without --retrain the cache entry stays as it is
+    assert train_teacher_once(recipe, quiet=True, retrain=True) is not None
+    assert run(recipe, quiet=True).metrics.miou >= 0
