@@ -13,15 +13,18 @@ the lower one (see ``_duplicate``), so the cell still runs once.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
+
 from kdbench.errors import UserError
 from kdbench.progress import make_progress
 from kdbench.recipe import Recipe, load_recipe
-from kdbench.schema import Role, Tag, search_runs, tag_col
+from kdbench.schema import Metric, Role, RunCol, Tag, column, metric_col, search_runs, tag_col
 
 CELL, LABEL, ERROR, RUN_ID = "cell", "label", "error", "run_id"
 
@@ -93,14 +96,22 @@ class SweepResult:
         return sum(r.state == state for r in self.results)
 
 
-def finished_cells(cells: list[Cell]) -> set[str]:
-    """Recipe hashes of the cells that MLflow already holds a FINISHED student run of."""
-    found: set[str] = set()
+def finished_cells(cells: list[Cell]) -> dict[str, CellResult]:
+    """The cells (by recipe hash) that MLflow already holds a FINISHED student run of, as results
+    of that run (the newest, where there are several)."""
+    found: dict[str, CellResult] = {}
+    by_key = {c.key: c for c in cells}
     for uri in {c.recipe.tracking.uri for c in cells}:
         experiments = sorted({c.recipe.tracking.experiment or f"kdbench-{c.recipe.benchmark}" for c in cells if c.recipe.tracking.uri == uri})
         runs = search_runs(experiments, f"attributes.status = 'FINISHED' and tags.`{Tag.ROLE}` = '{Role.STUDENT}'", uri=uri)
-        if len(runs) and tag_col(Tag.RECIPE_HASH) in runs:
-            found |= set(runs[tag_col(Tag.RECIPE_HASH)].dropna())
+        if not len(runs) or tag_col(Tag.RECIPE_HASH) not in runs:
+            continue
+        seconds = (pd.to_datetime(column(runs, RunCol.END)) - pd.to_datetime(column(runs, RunCol.START))).dt.total_seconds()
+        miou = pd.to_numeric(column(runs, metric_col(Metric.MIOU)), errors="coerce")
+        for i in reversed(range(len(runs))):  # newest first in the frame: the newest wins
+            key = runs[tag_col(Tag.RECIPE_HASH)].iloc[i]
+            if key in by_key:
+                found[key] = CellResult(by_key[key], "done", None if math.isnan(miou.iloc[i]) else float(miou.iloc[i]), float(seconds.iloc[i]), run_id=runs[RunCol.RUN_ID].iloc[i])
     return found
 
 
@@ -171,7 +182,7 @@ def sweep(spec: SweepSpec, quiet: bool = False, echo: Any = print) -> SweepResul
     cells = spec.cells()
     done = finished_cells(cells)
     by_key = {c.key: c for c in cells}
-    results = [CellResult(c, "done") for c in cells if c.key in done]
+    results = [done[c.key] for c in cells if c.key in done]
     todo = [c for c in cells if c.key not in done]
     study, storage = _open_study(spec, cells)
     _enqueue(study, storage, todo, spec.reclaim)

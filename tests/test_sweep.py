@@ -42,6 +42,8 @@ def test_a_rerun_runs_only_the_holes(workdir):
 
     again = sweep(SweepSpec(("none", "kd:cirkd"), (0, 1, 2), ("tiny",), SETS, name="s"), quiet=True)
     assert again.count("done") == 4 and again.count("ran") == 2  # only seed 2 of each method
+    earlier = {r.run_id: r.miou for r in first.results}
+    assert all(earlier[r.run_id] == r.miou for r in again.results if r.state == "done")  # shown with their runs' mIoU
     assert len(_students()) == 6
     assert sorted(t.state.name for t in _trials("s")) == ["COMPLETE"] * 6
 
