@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdbench.errors import UserError
+from kdbench.outputs import study_storage
 
 app = typer.Typer(
     help="kdbench: knowledge distillation for semantic segmentation, every method on the same models, "
@@ -87,7 +88,7 @@ def run(
     precision: PrecisionOpt = None,
     compile_: CompileOpt = None,
     from_study: Annotated[Optional[str], typer.Option("--from-study", help="Use the best trial of this `kdbench tune` study (its method, preset, --set and values).")] = None,
-    storage: Annotated[str, typer.Option(help="The study's Optuna storage (with --from-study).")] = "sqlite:///optuna.db",
+    storage: Annotated[str, typer.Option(help="The study's Optuna storage (with --from-study).")] = study_storage(),
     quiet: QuietOpt = False,
 ) -> None:
     """Distil the teacher into the student with one method and log the run to MLflow.
@@ -226,7 +227,7 @@ def tune(
     ],
     trials: Annotated[int, typer.Option(help="Trials the study should hold (a resumed study runs only the missing ones).")] = 20,
     study: Annotated[Optional[str], typer.Option(help="Study name; an existing study in --storage is resumed. Default: METHOD-BENCHMARK.")] = None,
-    storage: Annotated[str, typer.Option(help="Optuna storage: sqlite:///FILE.db, postgresql://..., or journal:FILE.log. Never MLflow's own file.")] = "sqlite:///optuna.db",
+    storage: Annotated[str, typer.Option(help="Optuna storage: sqlite:///FILE.db, postgresql://..., or journal:FILE.log. Never MLflow's own file.")] = study_storage(),
     sampler: Annotated[str, typer.Option(help="tpe (seeded), random, grid (over NAME=a,b,c lists), gp or cmaes.")] = "tpe",
     pruner: Annotated[str, typer.Option(help="median, hyperband or none; trials report every evaluation (train.eval_interval).")] = "median",
     budget_iters: Annotated[Optional[int], typer.Option(help="Train each trial for this many iterations instead of the recipe's.")] = None,
@@ -321,7 +322,7 @@ def sweep(
     recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="Recipe(s) of the grid (repeatable); default: the embedded benchmark.")] = None,
     set_: SetOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Sweep name (its work list in --storage); default: sweep-BENCHMARK.")] = None,
-    storage: Annotated[str, typer.Option(help="Optuna storage holding the work list: sqlite:///FILE.db, postgresql://... or journal:FILE.log; shared by workers on other machines.")] = "sqlite:///optuna.db",
+    storage: Annotated[str, typer.Option(help="Optuna storage holding the work list: sqlite:///FILE.db, postgresql://... or journal:FILE.log; shared by workers on other machines.")] = study_storage(),
     reclaim: Annotated[bool, typer.Option(help="Rerun cells left RUNNING by a worker that died (only when no other worker is running).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -407,7 +408,7 @@ def plot(
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Folder the PNG files go to.")] = "figures",
     images: Annotated[Optional[str], typer.Option("--images", help="Val image indices for predictions/attention, e.g. 0,3,7 (default: 0,1,2 / 0).")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="attention: the AttnFD layer (backbone, encoder, decoder); default: the run's first.")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else ./kdbench-out/mlflow.db.")] = None,
     log: Annotated[bool, typer.Option("--log/--no-log", help="Also log each figure to the runs it shows, under figures/.")] = True,
 ) -> None:
     """Figures from MLflow runs, written as PNG files and logged to the runs they show.
@@ -423,10 +424,9 @@ def plot(
 
     if kind not in KINDS:
         raise UserError(f"plot: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if tracking_uri:
-        import mlflow
+    from kdbench.outputs import use_tracking
 
-        mlflow.set_tracking_uri(tracking_uri)
+    use_tracking(tracking_uri)
     for path in plot_fn(kind, experiment=experiment, run_ids=list(run_ or []), out_dir=out_dir, images=images, layer=layer, log=log):
         out.print(str(path))
 
@@ -440,7 +440,7 @@ def table_cmd(
     group: Annotated[Optional[str], typer.Option(help="With --per-class: only the column whose name (DATASET: ARCH/BACKBONE) contains this, e.g. resnet18.")] = None,
     extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, the student's parameters, wall time per run (MLflow start to end) and training throughput (images/s). FLOPs are not logged.")] = False,
     out_file: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the table to this file instead of printing it.")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store to read; default: $MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store to read; default: $MLFLOW_TRACKING_URI, else ./kdbench-out/mlflow.db.")] = None,
 ) -> None:
     """Paper-style comparison table of the FINISHED runs in MLflow.
 

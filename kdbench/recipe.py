@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from kdbench.errors import UserError
+from kdbench.outputs import OUTPUT_ROOT
 from kdbench.runtime import check_device_setting
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -161,7 +162,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    #: empty: $MLFLOW_TRACKING_URI, else MLflow's default local store (sqlite:///mlflow.db)
+    #: empty: $MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db (kdbench.outputs)
     uri: str | None = None
     #: MLflow experiment; empty: "kdbench-<benchmark>"
     experiment: str | None = None
@@ -181,13 +182,14 @@ class Recipe:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=UNHASHED)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     seed: int = 0
-    #: where run folders (checkpoints) go
-    output_dir: str = "runs"
+    #: the output root: run folders (checkpoints), the default MLflow store and Optuna work lists
+    #: (kdbench.outputs lists what is written where)
+    output_dir: str = field(default=OUTPUT_ROOT, metadata=UNHASHED)
     #: where generated data and trained teachers are cached; empty: $KDBENCH_CACHE or ~/.cache/kdbench
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=UNHASHED)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples): what YAML, MLflow params and hashes see."""

@@ -30,6 +30,7 @@ from kdbench.progress import make_console
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
 from kdbench.schema import Metric, Role, Tag
+from kdbench.outputs import tracking_uri
 from kdbench.tracking import NullTracker, Tracker, check_reachable
 
 console = Console(stderr=True)
@@ -124,7 +125,7 @@ def train_teacher_once(recipe: Recipe, splits: Splits | None = None, quiet: bool
     anew all the same). Runs that start together on one cache (a sweep's workers, two terminals)
     train it once: the first holds a file lock, the others wait for it and then load what it wrote."""
     rt = rt or make_runtime(recipe.runtime)
-    check_reachable(recipe.tracking.uri)  # before any message or work, not after the teacher's data
+    check_reachable(tracking_uri(recipe.tracking.uri, recipe.output_dir))  # before any message or work, not after the teacher's data
     path = teacher_cache_path(recipe)
     with _cache_lock(path, rt):
         if retrain and rt.is_main:
@@ -221,7 +222,7 @@ def run(
 ) -> RunResult:
     """Distil the recipe's teacher into its student with the recipe's method."""
     rt = make_runtime(recipe.runtime)
-    check_reachable(recipe.tracking.uri)  # a server that is not there: one line now, not after data and teacher
+    check_reachable(tracking_uri(recipe.tracking.uri, recipe.output_dir))  # a server that is not there: one line now, not after data and teacher
     m = recipe.method
     run_dir = Path(recipe.output_dir) / f"{m.name}-{recipe.hash()}"
     if resume and not rt.broadcast((run_dir / "last.pt").is_file()):  # before any work: a typo'd --set or
@@ -235,6 +236,8 @@ def run(
     _, cfg = resolve_config(m.name, m.preset, m.params)
     method = method_for(m.name, cfg, student, teacher, splits.num_classes)
     tags = {Tag.ROLE: Role.STUDENT, Tag.TEACHER_MIOU: f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}
+    if teacher_meta.get("mlflow_run_id"):
+        tags[Tag.TEACHER_RUN] = teacher_meta["mlflow_run_id"]
     return _train(
         recipe,
         role="student",
@@ -305,7 +308,7 @@ def _train(
             console.print(f"Resuming {run_name} from step {state.step}/{state.total_steps} ({ckpt_path})")
 
     experiment = recipe.tracking.experiment or f"kdbench-{recipe.benchmark}"
-    tracker = Tracker(recipe.tracking.uri, experiment) if rt.is_main else NullTracker()
+    tracker = Tracker(recipe.tracking.uri, experiment, recipe.output_dir) if rt.is_main else NullTracker()
     d = recipe.data
     tags = {
         Tag.ROLE: role,

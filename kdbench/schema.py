@@ -29,6 +29,7 @@ class Tag:
     RECIPE_HASH = "recipe.hash"  #: the resolved recipe's hash: one cell of a sweep
     EVAL_SPLIT = "eval_split"  #: "val", or "holdout" for tuning trials
     TEACHER_MIOU = "teacher.miou"
+    TEACHER_RUN = "teacher.run_id"  #: the MLflow run that trained a student's teacher (its weights are logged there, once)
     VERSION = "kdbench.version"
     COMMIT = "git.commit"
     ERROR = "error"  #: the one-line error of a FAILED or KILLED run
@@ -166,10 +167,10 @@ def search_runs(experiments: list[str] | None = None, filter_string: str = "", u
     """The runs of the experiments (all kdbench experiments when None) as one DataFrame, newest first."""
     import mlflow
 
+    from kdbench.outputs import use_tracking
     from kdbench.tracking import check_reachable
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
+    use_tracking(uri)
     check_reachable()
     if experiments is None:
         experiments = [e.name for e in mlflow.search_experiments() if e.name.startswith("kdbench-")]

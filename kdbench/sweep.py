@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from kdbench.errors import UserError
+from kdbench.outputs import study_storage, tracking_uri
 from kdbench.progress import make_progress
 from kdbench.recipe import Recipe, load_recipe
 from kdbench.schema import Metric, Role, RunCol, Tag, column, metric_col, search_runs, tag_col
@@ -56,7 +57,7 @@ class SweepSpec:
     recipes: tuple[str | None, ...] = (None,)
     sets: tuple[str, ...] = ()
     name: str | None = None  #: default: sweep-<benchmark of the first recipe>
-    storage: str = "sqlite:///optuna.db"
+    storage: str = field(default_factory=study_storage)
     reclaim: bool = False  #: treat RUNNING cells as abandoned (no other worker is alive)
 
     def cells(self) -> list[Cell]:
@@ -101,8 +102,9 @@ def finished_cells(cells: list[Cell]) -> dict[str, CellResult]:
     of that run (the newest, where there are several)."""
     found: dict[str, CellResult] = {}
     by_key = {c.key: c for c in cells}
-    for uri in {c.recipe.tracking.uri for c in cells}:
-        experiments = sorted({c.recipe.tracking.experiment or f"kdbench-{c.recipe.benchmark}" for c in cells if c.recipe.tracking.uri == uri})
+    store = {c.key: tracking_uri(c.recipe.tracking.uri, c.recipe.output_dir) for c in cells}
+    for uri in set(store.values()):
+        experiments = sorted({c.recipe.tracking.experiment or f"kdbench-{c.recipe.benchmark}" for c in cells if store[c.key] == uri})
         runs = search_runs(experiments, f"attributes.status = 'FINISHED' and tags.`{Tag.ROLE}` = '{Role.STUDENT}'", uri=uri)
         if not len(runs) or tag_col(Tag.RECIPE_HASH) not in runs:
             continue

@@ -49,10 +49,10 @@ def load_runs(experiments: Sequence[str] | None = None, uri: str | None = None) 
     import mlflow
 
     from kdbench.schema import search_runs
+    from kdbench.outputs import use_tracking
     from kdbench.tracking import check_reachable
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
+    use_tracking(uri)
     where = mlflow.get_tracking_uri()
     if where.startswith("sqlite:///") and not Path(where.split("///", 1)[1].split("?")[0]).is_file():
         # reading must not leave an empty store behind where the user mistyped a path

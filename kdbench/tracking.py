@@ -12,6 +12,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 import kdbench
+from kdbench.outputs import OUTPUT_ROOT, artifact_location, sqlite_file, tracking_uri, use_tracking
 from kdbench.schema import Tag, encode_param
 
 
@@ -42,16 +43,19 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
     except requests.exceptions.RequestException as err:
         raise UserError(
             f"MLflow tracking server {uri} is not reachable ({type(err).__name__}); start it, or point "
-            "MLFLOW_TRACKING_URI (or tracking.uri, --tracking-uri) at one that runs, or at a local store such as sqlite:///mlflow.db"
+            "MLFLOW_TRACKING_URI (or tracking.uri, --tracking-uri) at one that runs, or unset it to use the local store in kdbench-out/"
         ) from None
 
 
 class Tracker:
     """A thin, explicit wrapper: start (or reopen) a run, log, end with a status."""
 
-    def __init__(self, uri: str | None, experiment: str) -> None:
-        if uri:
-            mlflow.set_tracking_uri(uri)
+    def __init__(self, uri: str | None, experiment: str, root: str | Path = OUTPUT_ROOT) -> None:
+        self.uri = tracking_uri(uri, root)
+        db = sqlite_file(self.uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        use_tracking(uri, root)
         check_reachable()
         self.experiment = experiment
         self.client = mlflow.MlflowClient()
@@ -67,7 +71,7 @@ class Tracker:
     ) -> str:
         """A new run, or the run ``run_id`` reopened (resume). Returns the run id."""
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
         if run_id is None:
             tags = {**tags, Tag.VERSION: kdbench.__version__, Tag.COMMIT: git_commit()}
             if parent_run_id:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from kdbench.errors import Stopped, UserError
+from kdbench.outputs import study_storage, tracking_uri
 from kdbench.recipe import Recipe, dump_yaml, flatten, load_recipe, read_yaml
 from kdbench.schema import Role, Tag
 
@@ -181,9 +182,11 @@ def resolve_storage(url: str) -> Any:
     (journal:PATH or a path ending in .log), which works without a database server."""
     import optuna
 
-    own, mlflows = _storage_file(url), _storage_file(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    own, mlflows = _storage_file(url), _storage_file(tracking_uri())
     if own is not None and mlflows is not None and own.resolve() == mlflows.resolve():
-        raise UserError(f"--storage: {url} is MLflow's store; Optuna and MLflow cannot share one SQLite file (use e.g. sqlite:///optuna.db)")
+        raise UserError(f"--storage: {url} is MLflow's store; Optuna and MLflow cannot share one SQLite file (the default is {study_storage()})")
+    if own is not None:
+        own.parent.mkdir(parents=True, exist_ok=True)
     if _is_journal(url):
         from optuna.storages.journal import JournalFileBackend
 
@@ -273,7 +276,7 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
         direction="maximize",
         load_if_exists=True,
     )
-    tracker = Tracker(first.tracking.uri, first.tracking.experiment or f"kdbench-{first.benchmark}")
+    tracker = Tracker(first.tracking.uri, first.tracking.experiment or f"kdbench-{first.benchmark}", first.output_dir)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     params = {
         "study": spec.study,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The multi-seed comparison of the README ("Results on the default benchmark"): every method at its
 # default preset and AttnFD's paper and code presets, 3 seeds each, then seeds 3-4 for none, kd and
-# attnfd. Runs go to ./mlflow.db (experiment kdbench-default), the work list to ./optuna.db. A rerun
+# attnfd. Runs go to kdbench-out/mlflow.db (experiment kdbench-default), the work list to kdbench-out/optuna.db. A rerun
 # runs only the cells MLflow does not hold yet, so the grid can be completed over several sittings.
 # Usage: bash results/sweep_default.sh   (then the table and figure commands at the end)
 set -uo pipefail

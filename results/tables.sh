@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's comparison table and figures of the default benchmark, made from the MLflow store by
-# kdbench itself (after `bash results/sweep_default.sh`; run both where ./mlflow.db is).
+# kdbench itself (after `bash results/sweep_default.sh`; run both in the folder whose kdbench-out/ holds the runs).
 # Usage: bash results/tables.sh
 set -euo pipefail
 out=results/default_benchmark

@@ -3,7 +3,7 @@
 # 300-iteration trials scored on the held-out 10% of the training split), then the best alpha and
 # alpha = 2 (the paper's VOC value, kdbench's default) on the full training split at seeds 0, 1, 2,
 # scored on the val split. Writes results/tuning/ (plots, trials table, best recipe; the Optuna
-# storage itself, optuna.db, stays out of git). MLflow: the default store of the working directory.
+# storage itself, optuna.db, stays out of git). MLflow: the default store, kdbench-out/mlflow.db of the working directory.
 set -euo pipefail
 store=results/tuning
 mkdir -p "$store"

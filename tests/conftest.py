@@ -7,6 +7,11 @@ def _isolate(mp: pytest.MonkeyPatch, path) -> None:
     mp.chdir(path)
     mp.setenv("KDBENCH_CACHE", str(path / "cache"))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    # MLflow keeps the URI it was last given for the whole process (kdbench sets it at every entry
+    # point, the tests' own mlflow.search_runs does not): start each test on its own store
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
 
 
 @pytest.fixture

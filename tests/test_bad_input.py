@@ -196,8 +196,8 @@ def _after_run(d: Path) -> None:
     from kdbench.recipe import load_recipe
 
     sets = [s for s in RUN_SETS if s != "--set"]
-    (last,) = (d / "runs").glob("kd-*/last.pt")
-    target = d / "runs" / f"kd-{load_recipe('tiny', sets, seed=2).hash()}" / "last.pt"
+    (last,) = (d / "kdbench-out").glob("kd-*/last.pt")
+    target = d / "kdbench-out" / f"kd-{load_recipe('tiny', sets, seed=2).hash()}" / "last.pt"
     target.parent.mkdir(parents=True)
     shutil.copy(last, target)
 

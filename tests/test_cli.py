@@ -8,17 +8,27 @@ import sys
 
 import pytest
 
+from kdbench.recipe import load_recipe
 
-def kdbench(*args, cwd):
-    env = {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+
+def kdbench(*args, cwd, env=None):
+    env = env or {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
     return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_run_of_the_tiny_recipe(tmp_path):
-    r = kdbench("run", "--recipe", "tiny", "--method", "kd", "--set", "method.temperature=2", "--seed", "3", "--quiet", cwd=tmp_path)
+def test_a_run_writes_nothing_outside_its_output_root(tmp_path):
+    """No MLFLOW_TRACKING_URI: the MLflow store, its artifacts and the run folder all go to
+    ./kdbench-out of the folder the run started in; the teacher to the machine's cache."""
+    here, cache = tmp_path / "elsewhere", tmp_path / "cache"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"KDBENCH_CACHE": str(cache)}
+    r = kdbench("run", "--recipe", "tiny", "--method", "kd", "--set", "method.temperature=2", "--seed", "3", "--quiet", cwd=here, env=env)
     assert r.returncode == 0, r.stderr
     assert "kd (cirkd) seed 3: mIoU" in r.stdout
-    assert (tmp_path / "mlflow.db").is_file()
+    assert [p.name for p in here.iterdir()] == ["kdbench-out"]
+    root = here / "kdbench-out"
+    assert {p.name for p in root.iterdir()} == {"mlflow.db", "mlartifacts", f"kd-{load_recipe('tiny', ['method.temperature=2'], method='kd', seed=3).hash()}"}
+    assert list((root / "mlartifacts").rglob("recipe.yaml")) and list(cache.rglob("teacher.pt"))
 
 
 def test_a_piped_run_logs_plain_lines_evaluations_and_a_summary(tmp_path):

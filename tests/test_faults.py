@@ -66,14 +66,12 @@ def outcome(tmp_path_factory):
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(pool.map(fault_then_resume, enumerate(FAULTS)))
     cli.close()
-    mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
-    yield _last(d, "full"), results
-    mlflow.set_tracking_uri(None)
+    return _last(d, "full"), results, mlflow.MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_fault_loses_nothing(outcome, fault):
-    full, results = outcome
+    full, results, client = outcome
     hit, after, stale, status, resumed, final, left = results[fault]
     code, expected_status = FAULTS[fault]
     assert hit.returncode == code, hit.stderr[-2000:]
@@ -87,14 +85,14 @@ def test_a_fault_loses_nothing(outcome, fault):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not left  # ...and the next write clears it
     assert final["mlflow_run_id"] == after["mlflow_run_id"]  # the same MLflow run continues and ends
-    assert mlflow.get_run(final["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(final["mlflow_run_id"]).info.status == "FINISHED"
     assert final["step"] == full["step"] == 8
     for part in ("student", "method"):
         assert final[part].keys() == full[part].keys()
         assert all(torch.equal(final[part][k], full[part][k]) for k in full[part]), part
     assert final["history"] == full["history"]  # the evaluations, the one at step 4 included
-    full_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdbench.role` = 'student'", output_format="list")
-    finals = {r.info.run_id: r.data.metrics["miou"] for r in full_run if "miou" in r.data.metrics}
+    students = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`kdbench.role` = 'student'")
+    finals = {r.info.run_id: r.data.metrics["miou"] for r in students if "miou" in r.data.metrics}
     assert len(set(finals.values())) == 1 and final["mlflow_run_id"] in finals  # every run ends with the same mIoU
 
 

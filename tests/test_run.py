@@ -39,6 +39,8 @@ def test_run_logs_everything_a_table_needs(workdir):
         assert not math.isnan(student[key]), key
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"recipe.yaml", "confusion_matrix.json", "metrics.json"} <= artifacts
+    # the student's run names its teacher's run (where the teacher's weights are logged, once)
+    assert student["tags.teacher.run_id"] == teacher.iloc[0]["run_id"]
     # the second run reuses the cached teacher instead of training another
     run(load_recipe("tiny", method="none"), quiet=True)
     assert (_runs()["tags.kdbench.role"] == "teacher").sum() == 1
@@ -68,6 +70,52 @@ def test_resume_equals_uninterrupted(workdir, workers):
     b = torch.load(resumed.checkpoint, weights_only=True)["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert mlflow.get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def _same(a, b, where="") -> None:
+    """Nested checkpoint entries equal exactly (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        equal = isinstance(b, torch.Tensor) and torch.equal(a, b)
+        assert equal, f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+RESUMED = [("skd", "paper", ["method.adv_width=8"]), ("attnfd", "code", [])]
+
+
+@pytest.mark.parametrize("name, preset, extra", RESUMED, ids=[f"{n}-{p}" for n, p, _ in RESUMED])
+def test_resume_restores_the_method_and_its_optimizers(shared_workdir, name, preset, extra):
+    """The KD resume test has no method state to lose. SKD paper has a discriminator (narrowed here,
+    for speed) with its own SGD (momentum, poly lr) and a random gradient penalty; AttnFD code trains
+    its connectors alone for one epoch, then freezes them. 24 images / batch 4 = 6 steps per epoch:
+    the checkpoint (step 5) is inside the warm-up, the kill (step 7) after a step past it, so both
+    the killed and the resumed run cross the boundary."""
+    sets = ["train.iterations=8", "train.checkpoint_interval=5", "train.eval_interval=0", *extra]
+    full = run(load_recipe("tiny", [*sets, f"output_dir=full-{name}"], method=name, preset=preset), quiet=True)
+    recipe = load_recipe("tiny", [*sets, f"output_dir=killed-{name}"], method=name, preset=preset)
+
+    def kill_at_7(step):
+        if step == 7:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run(recipe, quiet=True, after_step=kill_at_7)
+    assert torch.load(shared_workdir / f"killed-{name}" / f"{name}-{recipe.hash()}" / "last.pt", weights_only=True)["step"] == 5
+    resumed = run(recipe, quiet=True, resume=True)
+    assert resumed.metrics == full.metrics
+    a, b = (torch.load(r.checkpoint, weights_only=True) for r in (full, resumed))
+    assert a["method"] and (a["method_optimizers"] or name == "attnfd")  # there is method state to lose
+    for key in ("method", "method_optimizers", "student", "optimizer", "scheduler"):
+        _same(a[key], b[key], key)
 
 
 def test_teacher_checkpoint_that_does_not_fit(workdir):
@@ -123,7 +171,7 @@ def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(workdir):
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step (\d+) \(loss/task=nan\)") as err:
         run(recipe, quiet=True)
     bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
-    ckpt = torch.load(workdir / "runs" / f"none-{recipe.hash()}" / "last.pt", weights_only=True)
+    ckpt = torch.load(workdir / "kdbench-out" / f"none-{recipe.hash()}" / "last.pt", weights_only=True)
     assert 1 < bad_step <= 8 and ckpt["step"] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
     (failed,) = _runs().to_dict("records")

@@ -27,7 +27,7 @@ def _students():
 
 
 def _trials(name):
-    study = optuna.load_study(study_name=f"kdbench-sweep:{name}", storage="sqlite:///optuna.db")
+    study = optuna.load_study(study_name=f"kdbench-sweep:{name}", storage="sqlite:///kdbench-out/optuna.db")
     return study.get_trials(deepcopy=False)
 
 

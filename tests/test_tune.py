@@ -84,12 +84,12 @@ def _runs():
 
 
 def _study(path, name):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{path / 'optuna.db'}")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{path / 'kdbench-out' / 'optuna.db'}")
 
 
 def test_a_study_logs_prunes_resumes_and_reruns_its_best(workdir):
     r = kdbench("tune", "--method", "attnfd", "--param", "alpha", "--trials", "4", *TINY, cwd=workdir)
-    assert "study attnfd-tiny: 4 trials" in r.stdout and "kdbench run --recipe attnfd-tiny-best.yaml" in r.stdout
+    assert "study attnfd-tiny: 4 trials" in r.stdout and "kdbench run --recipe kdbench-out/attnfd-tiny-best.yaml" in r.stdout
     study = _study(workdir, "attnfd-tiny")
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") >= 1 and states.count("PRUNED") >= 1, states  # seeded: 2 and 2 here
@@ -101,7 +101,7 @@ def test_a_study_logs_prunes_resumes_and_reruns_its_best(workdir):
     assert parent.iloc[0]["metrics.best_holdout_miou"] == pytest.approx(study.best_value)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id)}
     assert {"attnfd-tiny-trials.csv", "plots", "attnfd-tiny-best.yaml"} <= artifacts
-    assert (workdir / "attnfd-tiny-optimization_history.png").is_file() and (workdir / "attnfd-tiny-slice.png").is_file()
+    assert (workdir / "kdbench-out" / "attnfd-tiny-optimization_history.png").is_file() and (workdir / "kdbench-out" / "attnfd-tiny-slice.png").is_file()
     children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
     assert sorted(children["tags.kdbench.trial"].astype(int)) == [0, 1, 2, 3]
     assert set(children["tags.eval_split"]) == {"holdout"} and set(children["params.data.holdout_fraction"]) == {"0.1"}
