@@ -146,6 +146,44 @@ def teacher(
     out.print(f"teacher {r.teacher.arch}/{r.teacher.backbone}: mIoU {100 * result.metrics.miou:.2f} -> {path}")
 
 
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[
+        str,
+        typer.Argument(
+            metavar="CHECKPOINT_OR_RUN_ID",
+            help="The weights: a run folder's last.pt (or the folder), a cached teacher's teacher.pt, a model.pt state_dict, "
+            "or an MLflow run id (its kdbench.checkpoint).",
+        ),
+    ],
+    recipe: Annotated[
+        Optional[str],
+        typer.Option("--recipe", "-r", help="Recipe name or YAML file to evaluate with. Default: the one the checkpoint's run was made with (its recipe.yaml); for weights of no run, the embedded benchmark."),
+    ] = None,
+    set_: SetOpt = None,
+    scales: Annotated[Optional[str], typer.Option("--scales", help="Input scales whose class probabilities are averaged, comma-separated, e.g. 0.5,0.75,1,1.25,1.5,1.75. Default: the recipe's eval.scales.")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also average the horizontally flipped image at every scale. Default: the recipe's eval.flip.")] = None,
+    save_predictions: Annotated[Optional[str], typer.Option("--save-predictions", help="Also write one PNG per val image to this folder: the predicted class ids in palette mode with the dataset's colours, named after the image id.")] = None,
+    device: DeviceOpt = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store holding the run and getting the result; default: $MLFLOW_TRACKING_URI, else ./kdbench-out/mlflow.db.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a trained student or teacher on the val split, at several scales and/or flipped as papers report.
+
+    The result goes to the checkpoint's MLflow run as eval/SETTING/miou, eval/SETTING/pixel_acc and
+    eval/SETTING/iou/CLASS, SETTING naming the scales and the flip (eval/s1_flip/miou,
+    eval/s0.5_0.75_1_1.25_1.5_1.75_flip/miou), with evaluations/SETTING.json (confusion matrix); the
+    run's own miou is never overwritten. Weights that belong to no run get a new run (role eval).
+    """
+    from kdbench.evaluate import evaluate_checkpoint, print_summary
+
+    overrides = runtime_overrides(device, None, None) + list(set_ or [])
+    result = evaluate_checkpoint(
+        checkpoint, recipe=recipe, overrides=overrides, scales=scales, flip=flip, save_predictions=save_predictions, tracking_uri=tracking_uri, quiet=quiet
+    )
+    print_summary(result, out)
+
+
 @app.command()
 def bench(
     recipe: RecipeOpt = None,

@@ -326,9 +326,11 @@ def evaluate(
     cfg: EvalConfig,
     progress: bool = False,
     rt: Runtime | None = None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[SegMetrics, torch.Tensor]:
     """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole split,
-    accumulated on the device and summed over processes."""
+    accumulated on the device and summed over processes. ``on_batch`` gets each batch's predicted
+    class ids (B x H x W, on the device), in the loader's order (``kdbench eval`` writes them)."""
     rt = rt or Runtime()
     loader = data if isinstance(data, DataLoader) else eval_loader(data, cfg, rt)
     was_training = model.training
@@ -344,6 +346,8 @@ def evaluate(
                 with rt.autocast():
                     pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
                 cm += confusion_matrix(pred, target, num_classes, IGNORE)
+                if on_batch is not None:
+                    on_batch(pred)
                 bar.advance(task)
                 fault_point("eval")
     finally:

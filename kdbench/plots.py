@@ -18,9 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 
+from kdbench import trained
 from kdbench.errors import UserError
 from kdbench.schema import Artifact, Metric, Role, Tag, column, metric_col, tag_col
 from kdbench.table import variant_labels
@@ -366,29 +365,9 @@ class LoadedRun:
     path: Path
 
 
-def run_recipe(run_id: str) -> Any:
-    """The resolved recipe a run logged (``recipe.yaml``), validated again."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from kdbench.recipe import load_recipe
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per user error, no bars
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.MlflowClient().download_artifacts(run_id, Artifact.RECIPE, tmp)
-        except (MlflowException, OSError):
-            raise UserError(f"plot: run {run_id} has no {Artifact.RECIPE} artifact (it did not finish?); pick another with --run") from None
-        return load_recipe(path)
-
-
 def checkpoint_path(run: pd.Series, recipe: Any) -> Path:
-    """The run's ``Tag.CHECKPOINT``; for runs older than that tag, where ``kdbench.run`` puts it
-    (relative to the working directory)."""
-    tagged = run.get(tag_col(Tag.CHECKPOINT))
-    if isinstance(tagged, str) and tagged:
-        return Path(tagged)
-    return Path(recipe.output_dir) / f"{recipe.method.name}-{recipe.hash()}" / "last.pt"
+    """The run's checkpoint (``kdbench.trained.checkpoint_path`` of its ``Tag.CHECKPOINT``)."""
+    return trained.checkpoint_path(run.get(tag_col(Tag.CHECKPOINT)), recipe)
 
 
 def has_checkpoint(run: pd.Series) -> bool:
@@ -397,7 +376,7 @@ def has_checkpoint(run: pd.Series) -> bool:
     if isinstance(tagged, str) and tagged:
         return Path(tagged).is_file()
     try:
-        return checkpoint_path(run, run_recipe(run["run_id"])).is_file()
+        return checkpoint_path(run, trained.run_recipe(run["run_id"])).is_file()
     except UserError:
         return False
 
@@ -416,10 +395,9 @@ def with_checkpoints(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
 def load_run(run: pd.Series, label: str | None = None) -> LoadedRun:
     """Rebuild a run's student from its logged recipe and load its checkpoint's weights."""
     from kdbench.checkpoint import load
-    from kdbench.models import build_model
 
     run_id = run["run_id"]
-    recipe = run_recipe(run_id)
+    recipe = trained.run_recipe(run_id)
     path = checkpoint_path(run, recipe)
     label = label or run_labels(run.to_frame().T).iloc[0]
     if not path.is_file():
@@ -432,17 +410,15 @@ def load_run(run: pd.Series, label: str | None = None) -> LoadedRun:
         console.print(f"[yellow]note[/]: {path} was last written by run {ckpt['mlflow_run_id']} (the same recipe run again); using it for {run_id}")
     state = ckpt["student"]
     num_classes = int(state["classifier.weight"].shape[0])
-    student = build_model(recipe.student, num_classes, pretrained=False)
-    student.load_state_dict(state)
-    student.eval().requires_grad_(False)
+    student = trained.model_from_state(recipe.student, state, num_classes, f"plot: run {run_id}'s checkpoint {path}", "pick another with --run")
     return LoadedRun(run_id, label, recipe, student, ckpt, path)
 
 
 def load_run_teacher(recipe: Any, num_classes: int) -> Any | None:
     """The recipe's teacher (its checkpoint, else kdbench's cached one), or None when there is none."""
-    from kdbench.run import load_teacher, teacher_cache_path
+    from kdbench.run import load_teacher
 
-    path = Path(recipe.teacher.checkpoint).expanduser() if recipe.teacher.checkpoint else teacher_cache_path(recipe)
+    path = trained.teacher_path(recipe)
     if not path.is_file():
         return None
     no_download = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, pretrained=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -41,12 +42,15 @@ class Tag:
     CHECKPOINT = "kdbench.checkpoint"  #: absolute path of a student run's checkpoint (``last.pt``: "student", "method")
     DEVICE = "runtime.device"
     PRECISION = "runtime.precision"
+    #: in a run ``kdbench eval`` made (role ``Role.EVAL``): the recipe section the weights it evaluated are ("student" or "teacher")
+    EVALUATED = "kdbench.evaluated"
 
 
 class Role:
     STUDENT = "student"
     TEACHER = "teacher"
     STUDY = "study"
+    EVAL = "eval"  #: a run ``kdbench eval`` made for weights that belong to no run in the store
 
 
 class Metric:
@@ -64,10 +68,24 @@ class Metric:
     LOSS_TOTAL = "loss/total"
     IOU_PREFIX = "iou/"
     LOSS_PREFIX = "loss/"
+    #: ``kdbench eval``'s results: ``eval/SETTING/miou``, ``eval/SETTING/pixel_acc``, ``eval/SETTING/iou/CLASS``
+    EVAL_PREFIX = "eval/"
 
     @staticmethod
     def iou(class_name: str) -> str:
         return f"{Metric.IOU_PREFIX}{class_name}"
+
+    @staticmethod
+    def eval_setting(scales: Sequence[float], flip: bool) -> str:
+        """The name of an evaluation setting: the scales, then ``_flip`` where flipped images are averaged
+        too: ``s1``, ``s1_flip``, ``s0.5_0.75_1_1.25_1.5_1.75_flip``."""
+        return "s" + "_".join(f"{s:g}" for s in scales) + ("_flip" if flip else "")
+
+    @staticmethod
+    def evaluation(setting: str, name: str) -> str:
+        """Metric ``name`` (``MIOU``, ``PIXEL_ACC``, ``iou(CLASS)``) of a ``kdbench eval`` at ``setting``,
+        e.g. ``eval/s1_flip/miou``: never the bare name the run's own final evaluation has."""
+        return f"{Metric.EVAL_PREFIX}{setting}/{name}"
 
     @staticmethod
     def loss(term: str) -> str:
@@ -123,6 +141,8 @@ class Artifact:
     METRICS = "metrics.json"
     MODEL = "model.pt"
     FIGURES = "figures"  #: folder of the figures ``kdbench plot`` made from a run
+    #: folder of ``kdbench eval``'s results, ``SETTING.json`` each (metrics, confusion matrix, checkpoint, recipe hash)
+    EVALUATIONS = "evaluations"
 
 
 def encode_param(value: Any) -> str:

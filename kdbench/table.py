@@ -183,7 +183,10 @@ class ComparisonTable:
 
 
 def _other(metric: str) -> str:
-    return Metric.PIXEL_ACC if metric == Metric.MIOU else Metric.MIOU
+    """The other column of the same evaluation: pixel accuracy beside mIoU and the reverse."""
+    head, _, name = metric.rpartition("/")
+    other = Metric.PIXEL_ACC if name == Metric.MIOU else Metric.MIOU
+    return f"{head}/{other}" if head else other
 
 
 def _text(value: Any) -> str:
@@ -478,8 +481,8 @@ def _signed(x: float) -> str:
 
 
 def _grid(table: ComparisonTable, extra: bool) -> Grid:
-    name = METRICS[table.metric]
-    sub = [name, "Δ", "95% CI", "p"] + ([METRICS[table.other_metric], "params", "wall", "img/s"] if extra else [])
+    name = metric_label(table.metric)
+    sub = [name, "Δ", "95% CI", "p"] + ([metric_label(table.other_metric), "params", "wall", "img/s"] if extra else [])
     header = ["method"] + sub * len(table.groups)
     rows: list[list[Cell]] = []
     for v in table.variants:
@@ -673,9 +676,17 @@ def class_csv(tables: Sequence[ClassTable]) -> str:
 _GRID_RENDERERS = {"md": grid_markdown, "latex": grid_latex, "html": grid_html}
 
 
+def metric_label(metric: str) -> str:
+    """A column's name: "mIoU", or "mIoU (eval s1_flip)" for a `kdbench eval` result."""
+    head, _, name = metric.rpartition("/")
+    return METRICS[name] + (f" ({head.replace('/', ' ')})" if head else "")
+
+
 def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise UserError(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    """miou, pixel_acc, or one of `kdbench eval`'s (eval/SETTING/miou, e.g. eval/s1_flip/miou)."""
+    evaluated = metric.startswith(Metric.EVAL_PREFIX) and metric.rsplit("/", 1)[-1] in METRICS and metric.count("/") == 2
+    if metric not in METRICS and not evaluated:
+        raise UserError(f"--metric: expected one of {', '.join(METRICS)} or a `kdbench eval` result such as eval/s1_flip/miou, got {metric!r}")
     return metric
 
 
