@@ -22,7 +22,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstrings reflow to the terminal's width; a blank line is a paragraph
 )
+
+
+def _flags_without_a_type() -> None:
+    """typer (0.29) shows every option's type, `--resume <bool>` too, as if a flag took a value:
+    show none for flags."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+
+_flags_without_a_type()
 # wide enough for tables when the output is a file or a pipe (logs, CI), where rich assumes 80 columns
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
@@ -93,9 +106,10 @@ def run(
 ) -> None:
     """Distil the teacher into the student with one method and log the run to MLflow.
 
-    Trains the teacher first if the recipe names no checkpoint and none is cached. Prints the final
-    mIoU; everything else (loss terms, lr, throughput, per-class IoU, confusion matrix, the resolved
-    recipe) is in the MLflow run. On several GPUs: torchrun --nproc_per_node=N -m kdbench run ...
+    Trains the teacher first if the recipe names no checkpoint and none is cached. Ends with a
+    summary: final and best mIoU, pixel accuracy, per-class IoU, the weights file and the command that
+    opens the run in the MLflow UI. Everything (loss terms, lr, throughput, confusion matrix, the
+    resolved recipe, a plain-text log) is in the MLflow run. On several GPUs: torchrun --nproc_per_node=N -m kdbench run ...
     (train.batch_size is the global batch).
     """
     from kdbench.recipe import load_recipe
@@ -451,11 +465,13 @@ def plot(
 ) -> None:
     """Figures from MLflow runs, written as PNG files and logged to the runs they show.
 
-    per-class: per-class IoU bars, one color per method/preset (mean over seeds). predictions: val
-    images, ground truth and each method's prediction (the plain student first, the teacher last).
-    attention: an AttnFD run's teacher and student feature maps before and after refinement.
-    curves: val mIoU and every loss term against step, one line per run. The qualitative figures
-    load each run's checkpoint, so run them where the runs were trained.
+    - per-class: per-class IoU bars, one color per method/preset (mean over seeds).
+    - predictions: val images, ground truth and each method's prediction (the plain student first,
+      the teacher last).
+    - attention: an AttnFD run's teacher and student feature maps before and after refinement.
+    - curves: val mIoU and every loss term against step, one line per run.
+
+    The qualitative figures load each run's checkpoint, so run them where the runs were trained.
     """
     from kdbench.plots import KINDS
     from kdbench.plots import plot as plot_fn

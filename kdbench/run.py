@@ -29,7 +29,7 @@ from kdbench.models import build_model
 from kdbench.progress import make_console
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
-from kdbench.schema import Metric, Role, Tag
+from kdbench.schema import Artifact, Metric, Role, Tag
 from kdbench.outputs import tracking_uri
 from kdbench.tracking import NullTracker, Tracker, check_reachable
 
@@ -325,6 +325,9 @@ def _train(
         **(extra_tags or {}),
     }
     run_id = tracker.start(run_name, tags, flatten(recipe.to_dict()), run_id=run_id, parent_run_id=parent_run_id)
+    tracker.keep_log(run_dir / Artifact.RUN_LOG)
+    if state.step:
+        tracker.note(f"resumed from step {state.step} ({ckpt_path})")
     start = time.perf_counter()
     workers = rt.loader_workers(d.workers)
     evaluation = eval_loader(eval_set, recipe.eval, rt, workers)  # one for the whole run: its workers persist

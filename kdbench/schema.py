@@ -140,6 +140,7 @@ class Artifact:
     CONFUSION = "confusion_matrix.json"
     METRICS = "metrics.json"
     MODEL = "model.pt"
+    RUN_LOG = "run.log"  #: every logged value as plain text lines, and how the run ended
     FIGURES = "figures"  #: folder of the figures ``kdbench plot`` made from a run
     #: folder of ``kdbench eval``'s results, ``SETTING.json`` each (metrics, confusion matrix, checkpoint, recipe hash)
     EVALUATIONS = "evaluations"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,18 @@ class Tracker:
         self.experiment = experiment
         self.client = mlflow.MlflowClient()
         self.run_id: str | None = None
+        self.log_file: Path | None = None
+
+    def keep_log(self, path: Path) -> None:
+        """Also write everything logged as plain text lines to ``path`` (appended to on a resume),
+        logged as the run's ``run.log`` artifact when it ends, however it ends."""
+        self.log_file = path
+        self.note(f"run {self.run_id} ({self.experiment}) in {Path.cwd()}: {' '.join(sys.argv)}")
+
+    def note(self, text: str) -> None:
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def start(
         self,
@@ -87,6 +100,7 @@ class Tracker:
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.note(f"step {step}: " + " ".join(f"{k}={float(v):.6g}" for k, v in metrics.items()))
         items = [mlflow.entities.Metric(_metric_key(k), float(v), _now_ms(), step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
@@ -109,6 +123,9 @@ class Tracker:
             return
         if error:
             self.client.set_tag(self.run_id, Tag.ERROR, error[:5000])
+        if self.log_file is not None:
+            self.note(f"ended {status}" + (f": {error}" if error else ""))
+            self.client.log_artifact(self.run_id, str(self.log_file))
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
@@ -130,6 +147,9 @@ class NullTracker(Tracker):
         return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def keep_log(self, path: Path) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:

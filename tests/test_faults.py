@@ -70,7 +70,7 @@ def outcome(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_a_fault_loses_nothing(outcome, fault):
+def test_a_fault_loses_nothing(outcome, fault, tmp_path):
     full, results, client = outcome
     hit, after, stale, status, resumed, final, left = results[fault]
     code, expected_status = FAULTS[fault]
@@ -91,6 +91,10 @@ def test_a_fault_loses_nothing(outcome, fault):
         assert final[part].keys() == full[part].keys()
         assert all(torch.equal(final[part][k], full[part][k]) for k in full[part]), part
     assert final["history"] == full["history"]  # the evaluations, the one at step 4 included
+    log = Path(client.download_artifacts(final["mlflow_run_id"], "run.log", str(tmp_path))).read_text()
+    assert "resumed from step 3" in log and log.rstrip().endswith("ended FINISHED")  # the plain-text log spans both
+    if code == 2:
+        assert "ended FAILED: " in log and "No space left on device" in log
     students = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`kdbench.role` = 'student'")
     finals = {r.info.run_id: r.data.metrics["miou"] for r in students if "miou" in r.data.metrics}
     assert len(set(finals.values())) == 1 and final["mlflow_run_id"] in finals  # every run ends with the same mIoU

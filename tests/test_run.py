@@ -38,7 +38,10 @@ def test_run_logs_everything_a_table_needs(workdir):
     for key in ("metrics.loss/task", "metrics.loss/kd", "metrics.lr", "metrics.val/miou", "metrics.iou/background"):
         assert not math.isnan(student[key]), key
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"recipe.yaml", "confusion_matrix.json", "metrics.json"} <= artifacts
+    assert {"recipe.yaml", "confusion_matrix.json", "metrics.json", "run.log"} <= artifacts
+    log = mlflow.artifacts.load_text(f"runs:/{result.run_id}/run.log").splitlines()
+    assert f"run {result.run_id}" in log[0] and log[-1].endswith("ended FINISHED")
+    assert any(" step 2: " in line and "loss/kd=" in line for line in log) and any("val/miou=" in line for line in log)
     # the student's run names its teacher's run (where the teacher's weights are logged, once)
     assert student["tags.teacher.run_id"] == teacher.iloc[0]["run_id"]
     # the second run reuses the cached teacher instead of training another
