@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 import re
 import tempfile
 from pathlib import Path
@@ -65,6 +68,26 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+    """An exclusive file lock for making a cache entry: processes that need the same entry at once
+    (a sweep's workers, two terminals) make it once; the others print ``waiting`` and wait, then find
+    it made. The kernel drops the lock of a killed holder."""
+    import fcntl
+
+    writable_folder(lock_file.parent, "cache_dir")
+    with open(lock_file, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def writable_folder(folder: str | Path, what: str) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from kdbench.checkpoint import load, save_atomic, verify_checksum, writable_folder, write_checksum
+from kdbench.checkpoint import exclusive, load, save_atomic, verify_checksum, writable_folder, write_checksum
 from kdbench.data import Splits, load_splits, resolve_cache_dir
 from kdbench.engine import LoopHooks, build_state, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
@@ -149,19 +149,8 @@ def _cache_lock(path: Path, rt: Runtime) -> Iterator[None]:
     if not rt.is_main:
         yield
         return
-    import fcntl
-
-    writable_folder(path.parent, "cache_dir")
-    with open(path.parent / "training.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.print(f"Another process is training this teacher ({path.parent}); waiting for it to finish")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(path.parent / "training.lock", f"Another process is training this teacher ({path.parent}); waiting for it to finish"):
+        yield
 
 
 def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None) -> RunResult:

@@ -98,6 +98,9 @@ CASES = [
     # the first image of a split is checked when the set is scanned; a later one when a loader worker reads it
     case("data-bad-label-in-worker", voc("data.root=voc_worker", "data.workers=1"), "SegmentationClass/b.png", "[50]", "21 classes", env={"MLFLOW_TRACKING_URI": "sqlite:///worker.db"}),
     case("data-size-mismatch", voc("data.root=voc_size"), "JPEGImages/a.png", "SegmentationClass/a.png", "(32, 32)", "(24, 24)"),
+    # --- where outputs go (/proc: not writable, even by root)
+    case("output-dir-unwritable", f"{TINY} --method none --set output_dir=/proc/kdbench-out", "output_dir: cannot write in /proc/kdbench-out", "--set output_dir=DIR"),
+    case("cache-dir-unwritable", f"{TINY} --method none --set cache_dir=/proc/kdbench-cache", "cache_dir: cannot write in /proc/kdbench-cache", "--set cache_dir=DIR"),
     # --- teacher checkpoints
     case("teacher-ckpt-text", f"{TINY} --set teacher.checkpoint=text.pt", "teacher.checkpoint: cannot read text.pt", "truncated, or of another format"),
     case("teacher-ckpt-truncated", f"{TINY} --set teacher.checkpoint=truncated.pt", "teacher.checkpoint: cannot read truncated.pt", "truncated, or of another format"),

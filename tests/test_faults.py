@@ -7,6 +7,7 @@ Each command is its own process (tests/cli_fork.py), killed by `KDBENCH_FAULT` a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -124,3 +125,29 @@ def test_a_damaged_cached_teacher_is_never_used(workdir, damage):
     assert train_teacher_once(recipe, quiet=True) is None  # without --retrain the cache entry stays as it is
     assert train_teacher_once(recipe, quiet=True, retrain=True) is not None
     assert run(recipe, quiet=True).metrics.miou >= 0
+
+
+def test_a_dataset_being_generated_is_waited_for(workdir):
+    """While another process holds the dataset's lock (it is generating it), a run waits, says so,
+    and goes on once the lock is free: never two writers, never half a dataset read."""
+    import fcntl
+    import time
+
+    from kdbench.data.synthetic import synthetic_folder
+
+    recipe = load_recipe("tiny", method="none")
+    folder = synthetic_folder(workdir / "cache", **dataclasses.asdict(recipe.data.synthetic))
+    folder.parent.mkdir(parents=True)
+    cli = ForkedCLI(workdir / "cli")
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = ThreadPoolExecutor(1).submit(cli.run, ("run", "--recipe", "tiny", "--method", "none", "--quiet"), workdir, dict(os.environ), 300)
+        waited = 0.0
+        while "generating this dataset" not in next(iter(sorted((workdir / "cli").glob("*.err"))), Path("/dev/null")).read_text() and waited < 120:
+            time.sleep(0.2)
+            waited += 0.2
+        assert not done.done() and not folder.exists()  # waiting, and nothing written meanwhile
+    result = done.result()
+    cli.close()
+    assert result.returncode == 0, result.stderr
+    assert "Another process is generating this dataset" in result.stderr and folder.is_dir()

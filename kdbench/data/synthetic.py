@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from kdbench.checkpoint import exclusive
 from kdbench.errors import UserError
 from kdbench.progress import make_progress
 
@@ -244,27 +245,32 @@ def _params(num_train: int, num_val: int, image_size: int, seed: int) -> dict[st
     return values
 
 
+def synthetic_folder(cache_dir: Path, num_train: int, num_val: int, image_size: int, seed: int) -> Path:
+    """Where the dataset of these arguments is cached (named by their hash and the generator's version)."""
+    params = _params(num_train, num_val, image_size, seed)
+    digest = hashlib.sha256(json.dumps({**params, "v": GENERATOR_VERSION}, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir).expanduser() / f"synthetic-{image_size}px-{digest[:12]}"
+
+
 def ensure_synthetic(
     cache_dir: Path, num_train: int, num_val: int, image_size: int, seed: int, progress: bool = True
 ) -> Path:
     """The dataset folder for these arguments under ``cache_dir``, generated on first use.
 
     Generation writes into a temporary folder renamed into place at the end, so a killed
-    generation never leaves a half dataset under the final name.
+    generation never leaves a half dataset under the final name; a file lock makes processes that
+    start together generate it once.
     """
-    params = _params(num_train, num_val, image_size, seed)
-    digest = hashlib.sha256(json.dumps({**params, "v": GENERATOR_VERSION}, sort_keys=True).encode()).hexdigest()
-    final = Path(cache_dir).expanduser() / f"synthetic-{image_size}px-{digest[:12]}"
+    final = synthetic_folder(cache_dir, num_train, num_val, image_size, seed)
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        generate(tmp, num_train, num_val, image_size, seed, progress=progress)
-        os.replace(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not another process winning the race to the same folder
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with exclusive(final.parent / f".{final.name}.lock", f"Another process is generating this dataset ({final}); waiting for it to finish"):
+        if final.is_dir():  # made while this process waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            generate(tmp, num_train, num_val, image_size, seed, progress=progress)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
