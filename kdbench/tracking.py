@@ -61,17 +61,17 @@ class Tracker:
         self.experiment = experiment
         self.client = mlflow.MlflowClient()
         self.run_id: str | None = None
-        self.log_file: Path | None = None
+        self.text_log: Path | None = None
 
     def keep_log(self, path: Path) -> None:
         """Also write everything logged as plain text lines to ``path`` (appended to on a resume),
         logged as the run's ``run.log`` artifact when it ends, however it ends."""
-        self.log_file = path
+        self.text_log = path
         self.note(f"run {self.run_id} ({self.experiment}) in {Path.cwd()}: {' '.join(sys.argv)}")
 
     def note(self, text: str) -> None:
-        if self.log_file is not None:
-            with open(self.log_file, "a") as f:
+        if self.text_log is not None:
+            with open(self.text_log, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def start(
@@ -123,9 +123,9 @@ class Tracker:
             return
         if error:
             self.client.set_tag(self.run_id, Tag.ERROR, error[:5000])
-        if self.log_file is not None:
+        if self.text_log is not None:
             self.note(f"ended {status}" + (f": {error}" if error else ""))
-            self.client.log_artifact(self.run_id, str(self.log_file))
+            self.client.log_artifact(self.run_id, str(self.text_log))
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
@@ -150,6 +150,9 @@ class NullTracker(Tracker):
         pass
 
     def keep_log(self, path: Path) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
