@@ -12,8 +12,13 @@ processes, fp16's GradScaler, an operation that cannot be captured).
 
 What a graph fixes at capture, and how kdbench keeps it right:
 - Python values are frozen. Learning rates therefore become device tensors that the schedulers fill
-  in place; what a method's ``on_step`` changes must be a ``requires_grad`` flag (a new set of flags
-  captures again) or a tensor changed in place.
+  in place; what a method's ``on_step`` changes must be a ``requires_grad`` flag (a new set of flags,
+  the student's or the method's, captures again) or a tensor changed in place.
+- Modes are frozen. A teacher that a method runs in train mode (``Method.teacher_mode``) is part of
+  the step's key; inside a whole-step graph its BatchNorm is captured like the student's (batch
+  statistics and the in-place update of the running statistics are device work, and with a numeric
+  momentum nothing reads ``num_batches_tracked`` on the host). ``GraphedForward`` replays eval-mode
+  forwards only: a teacher in train mode runs eagerly there.
 - Addresses are frozen. Inputs are copied into static buffers; outputs (the logged losses) are static
   buffers that the next replay overwrites, so a step's values are read before the next step runs.
 - The first steps of every new shape or phase run eagerly (they are real steps of the run) so that

@@ -2,7 +2,9 @@
 
 A step is: teacher forward (eval, no grad; skipped when the method needs no teacher) -> student
 forward -> task loss + the method's named loss terms -> backward -> optimizer and schedule step ->
-the method's own optimizer step (e.g. a discriminator). ``train_step`` can be called alone, so a
+the method's own optimizer step (e.g. a discriminator). Before it the method may ask, by the
+attributes ``Method.student_frozen`` and ``Method.teacher_mode``, for a frozen student or a teacher
+in train mode (``follow_method``). ``train_step`` can be called alone, so a
 benchmark can time it against the floor. Device, precision and processes come from one
 ``kdbench.runtime.Runtime`` held by the ``TrainState``.
 """
@@ -150,8 +152,13 @@ class TrainState:
     #: train.on_nonfinite == "skip": a step whose loss is not finite updates nothing
     skip_nonfinite: bool = False
     skipped_steps: int = 0
+    #: the student's parameters that train (frozen together while the method asks for it) and
+    #: whether they are frozen now
+    student_trainable: list[nn.Parameter] = field(init=False, repr=False)
+    student_frozen: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
+        self.student_trainable = [p for p in self.student.parameters() if p.requires_grad]
         if self.student_forward is None:
             self.student_forward = self.student
         if self.teacher_forward is None:
@@ -211,10 +218,34 @@ def build_state(
         state.step_graph = StepGraph(
             lambda images, target, whole: update(state, images, target, whole),
             lambda: [state.optimizer, *(method._own_optimizers.values() if method is not None else [])],
-            lambda: tuple(p.requires_grad for p in method.parameters()) if method is not None else (),
+            lambda: step_phase(state),
             rt,
         )
     return state
+
+
+def step_phase(state: TrainState) -> tuple[Any, ...]:
+    """The Python state a captured step depends on: the ``requires_grad`` flags of the student and
+    of the method (freezes and warm-ups) and the teacher's mode; a change captures the step again."""
+    models = [m for m in (state.student, state.method) if m is not None]
+    flags = tuple(p.requires_grad for m in models for p in m.parameters())
+    return flags, state.teacher is not None and state.teacher.training
+
+
+def follow_method(state: TrainState) -> bool:
+    """Do what the method asks for this step (``Method.student_frozen``, ``Method.teacher_mode``):
+    the student's trainable parameters frozen or thawed, the teacher in train mode (True: the
+    caller puts it back in eval mode after the step)."""
+    method = state.method
+    frozen = method is not None and method.student_frozen
+    if frozen != state.student_frozen:
+        for p in state.student_trainable:
+            p.requires_grad_(not frozen)
+        state.student_frozen = frozen
+    teacher_train = state.teacher is not None and method is not None and method.teacher_mode == "train"
+    if teacher_train:
+        state.teacher.train()
+    return teacher_train
 
 
 @float32
@@ -231,11 +262,16 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) ->
     if method is not None:
         method.train()
         method.on_step(state.step, state.total_steps, state.steps_per_epoch)
+    teacher_train = follow_method(state)
     images, target = rt.to_device(images, target)
-    if state.step_graph is not None:
-        logged = state.step_graph(images, target)
-    else:
-        logged = update(state, images, target)
+    try:
+        if state.step_graph is not None:
+            logged = state.step_graph(images, target)
+        else:
+            logged = update(state, images, target)
+    finally:
+        if teacher_train:  # outside a step the teacher is always in eval mode
+            state.teacher.eval()
     state.scheduler.step()
     state.step += 1
     return logged
@@ -249,7 +285,8 @@ def update(state: TrainState, images: torch.Tensor, target: torch.Tensor, whole_
     teacher_forward = state.teacher if whole_step_graph else state.teacher_forward
     t_out: dict[str, torch.Tensor] = {}
     if state.skip_nonfinite:  # a skipped step must not leave its BatchNorm statistics behind either
-        buffers = [b for m in (state.student, method) if m is not None for b in m.buffers()]
+        teacher = state.teacher if state.teacher is not None and state.teacher.training else None
+        buffers = [b for m in (state.student, method, teacher) if m is not None for b in m.buffers()]
         saved = [b.clone() for b in buffers]
     with rt.autocast():
         if state.teacher is not None and (method is None or method.needs_teacher):
@@ -269,10 +306,11 @@ def update(state: TrainState, images: torch.Tensor, target: torch.Tensor, whole_
             for b, old in zip(buffers, saved):
                 b.copy_(old)
         return logged
-    rt.backward(total)
-    if method is not None and rt.distributed:
-        rt.all_reduce_grads(method.student_parameters())
-    rt.step(state.optimizer)
+    if total.requires_grad:  # False only while the method froze the student and trains nothing itself
+        rt.backward(total)
+        if method is not None and rt.distributed:
+            rt.all_reduce_grads(method.student_parameters())
+        rt.step(state.optimizer)
     if method is not None:
         detached = {k: v.detach() for k, v in s_out.items()}
         logged.update({Metric.loss(k): v for k, v in method.own_step(detached, t_out, target, rt).items()})
@@ -409,9 +447,19 @@ class LoopHooks:
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
 
 
+def teacher_buffers(state: TrainState) -> dict[str, torch.Tensor] | None:
+    """The teacher's buffers where training changes them (a method with ``teacher_mode`` "train":
+    BatchNorm running statistics), else None."""
+    if state.teacher is None or state.method is None or state.method.teacher_mode != "train":
+        return None
+    return dict(state.teacher.named_buffers())
+
+
 def state_dict(state: TrainState) -> dict[str, Any]:
     """The checkpoint of a run; every process must call it (it gathers their RNG states)."""
+    buffers = teacher_buffers(state)
     return {
+        **({"teacher_buffers": buffers} if buffers is not None else {}),
         "student": state.student.state_dict(),
         "method": state.method.state_dict() if state.method is not None else {},
         "method_optimizers": state.method.optimizer_state() if state.method is not None else {},
@@ -427,6 +475,13 @@ def state_dict(state: TrainState) -> dict[str, Any]:
 
 def load_state(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.student.load_state_dict(ckpt["student"])
+    buffers = teacher_buffers(state)
+    if buffers is not None and "teacher_buffers" in ckpt:
+        if ckpt["teacher_buffers"].keys() != buffers.keys():
+            raise UserError("checkpoint: its teacher buffers do not fit this run's teacher")
+        with torch.no_grad():
+            for k, b in buffers.items():
+                b.copy_(ckpt["teacher_buffers"][k])
     if state.method is not None:
         state.method.load_state_dict(ckpt["method"])
         state.method.load_optimizer_state(ckpt["method_optimizers"])

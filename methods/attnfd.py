@@ -24,14 +24,24 @@ option, and the presets name the combinations:
                     divided by H*W (``squared``: ||.||_2^2) (the paper's wording, the development code)
 
 Presets: ``default`` = free + batch, alpha 2 (the official VOC alpha); ``paper`` = pretrained +
-channel; ``code`` = random + batch with the released code's quirks: the connectors are warmed up
-alone during the first epoch (the distillation gradient does not reach the student) and frozen
-afterwards, and the student's channel-gate MLP is never updated.
+channel; ``code`` = random + batch with the released code's training details (train_kd.py and
+distiller.py at commit f090bbe):
 
-Deliberate differences: when student and teacher maps differ in spatial size (e.g. output stride 16
-vs 8), the student map is resized to the teacher's (bilinear) instead of failing; the random
-teacher CBAMs are kept in eval mode, so their BatchNorm uses its initial statistics (identity)
-rather than the statistics of each batch.
+- warm-up: in the first epoch only the connectors train; the student (backbone, head and its CBAMs)
+  is not updated at all (``connector_warmup_epochs`` 1, ``warmup_freezes_student``). Afterwards
+  the connectors are frozen and the student trains;
+- the student's channel-gate MLP is never updated (``freeze_channel_mlp``);
+- connectors start from He's fan-out init: conv ~ N(0, 2 / (k*k*C_out)), BN weight 1, bias 0
+  (``connector_init: he``);
+- the teacher runs in train mode during distillation: its BatchNorm normalises with each batch's
+  statistics and updates its running statistics (``teacher_train_mode``); its weights stay frozen.
+
+The random teacher CBAMs belong to the teacher (in the released code they sit inside it): they run
+in the teacher's mode, so without ``teacher_train_mode`` their BatchNorm uses its initial
+statistics (the identity) and with it each batch's statistics, as the released code's.
+
+Deliberate difference: when student and teacher maps differ in spatial size (e.g. output stride 16
+vs 8), the student map is resized to the teacher's (bilinear) instead of failing.
 """
 
 from __future__ import annotations
@@ -82,6 +92,17 @@ def attnfd_distance(fs: torch.Tensor, ft: torch.Tensor, normalize: str = "batch"
     return channel_normalized_distance(fs, ft, squared)
 
 
+def connector(c_in: int, c_out: int, init: str = "torch") -> nn.Sequential:
+    """1x1 conv (no bias) + BN from the student's channels to the teacher's. ``he``: conv weights
+    ~ N(0, 2 / n), n = k*k*c_out (He's fan-out init), BN weight 1 and bias 0."""
+    conv, bn = nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+    if init == "he":
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+    return nn.Sequential(conv, bn)
+
+
 @dataclass
 class AttnFDConfig:
     alpha: float = hparam(2.0, "weight of the summed layer distances (channel normalisation: ~100x smaller)", low=0.001, high=20.0, log=True)
@@ -93,7 +114,16 @@ class AttnFDConfig:
     squared: bool = hparam(False, "channel normalisation: squared L2 distance instead of L2")
     reduction: int = hparam(16, "CBAM channel-MLP reduction ratio")
     connector_warmup_epochs: int = hparam(0, "train only the connectors for this many epochs, then freeze them")
+    warmup_freezes_student: bool = hparam(
+        False, "during the connector warm-up the student and its CBAMs are not updated at all (else they train on the task loss and distillation)"
+    )
     freeze_channel_mlp: bool = hparam(False, "never update the student CBAM's channel-gate MLP")
+    connector_init: Literal["torch", "he"] = hparam(
+        "torch", "connector init: PyTorch's default, or he: conv ~ N(0, 2/(k*k*C_out)), BN weight 1, bias 0", choices=("torch", "he")
+    )
+    teacher_train_mode: bool = hparam(
+        False, "run the frozen teacher in train mode: BatchNorm with each batch's statistics, running statistics updated"
+    )
 
     def __post_init__(self) -> None:
         bad = [layer for layer in self.layers if layer not in LAYERS]
@@ -114,7 +144,10 @@ class AttnFD(Method):
             "teacher_attention": "random",
             "normalize": "batch",
             "connector_warmup_epochs": 1,
+            "warmup_freezes_student": True,
             "freeze_channel_mlp": True,
+            "connector_init": "he",
+            "teacher_train_mode": True,
         },
     }
 
@@ -132,24 +165,27 @@ class AttnFD(Method):
         if cfg.teacher_attention == "pretrained" and set(cfg.layers) - set(teacher.attention_taps):
             raise ValueError(f"attnfd: teacher_attention=pretrained needs a teacher with attention_taps {cfg.layers}")
         self.student_cbam = nn.ModuleDict({k: CBAM(student.channels[k], cfg.reduction) for k in cfg.layers})
-        self.connectors = nn.ModuleDict(
-            {
-                k: nn.Sequential(nn.Conv2d(student.channels[k], teacher.channels[k], 1, bias=False), nn.BatchNorm2d(teacher.channels[k]))
-                for k in cfg.layers
-            }
-        )
+        self.connectors = nn.ModuleDict({k: connector(student.channels[k], teacher.channels[k], cfg.connector_init) for k in cfg.layers})
         if cfg.teacher_attention == "random":
             self.teacher_cbam = nn.ModuleDict({k: CBAM(teacher.channels[k], cfg.reduction) for k in cfg.layers})
             self.teacher_cbam.requires_grad_(False)
-        if cfg.freeze_channel_mlp:
+        self._train_student_cbams(True)
+        self._warming_up = False
+
+    @property
+    def teacher_mode(self) -> str:  # type: ignore[override]
+        return "train" if self.cfg.teacher_train_mode else "eval"
+
+    def _train_student_cbams(self, on: bool) -> None:
+        self.student_cbam.requires_grad_(on)
+        if self.cfg.freeze_channel_mlp:
             for cbam in self.student_cbam.values():
                 cbam.channel_gate.requires_grad_(False)
-        self._warming_up = False
 
     def train(self, mode: bool = True) -> "AttnFD":
         super().train(mode)
-        if self.cfg.teacher_attention == "random":
-            self.teacher_cbam.eval()
+        if self.cfg.teacher_attention == "random":  # part of the teacher: in its mode
+            self.teacher_cbam.train(mode and self.cfg.teacher_train_mode)
         return self
 
     def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
@@ -157,6 +193,9 @@ class AttnFD(Method):
         if warmup:
             self._warming_up = step < warmup
             self.connectors.requires_grad_(self._warming_up)
+            if self.cfg.warmup_freezes_student:
+                self.student_frozen = self._warming_up
+                self._train_student_cbams(not self._warming_up)
 
     def refine_teacher(self, layer: str, f: torch.Tensor) -> torch.Tensor:
         if self.cfg.teacher_attention == "free":

@@ -7,6 +7,23 @@ and logs one by one. Learnable parts (connectors, attention modules) live on the
 trained with the student. A part that needs its own optimizer (a discriminator) is declared in
 ``own_optimizers`` and stepped in ``own_step``; the engine never special-cases a method by name.
 
+What a method may ask of the engine for the models it does not own, by attributes the engine reads
+before every step (again: never by name):
+- ``student_frozen``: True while the student model's own parameters must not change (a warm-up
+  that trains only the method's parts). The method sets it in ``on_step``; the engine turns the
+  ``requires_grad`` flags of the student's trainable parameters off (and on again when it is False).
+  A frozen parameter gets no gradient (the step's ``zero_grad(set_to_none=True)`` leaves it None)
+  and every optimizer skips a parameter whose gradient is None, so neither weight decay nor
+  momentum moves it. The student stays in train mode: its BatchNorm statistics still update.
+  The method's own parts freeze the same way, by their own ``requires_grad`` flags.
+- ``teacher_mode``: ``"eval"`` (the default: BatchNorm with the teacher's running statistics) or
+  ``"train"``: the teacher runs in train mode for each training step (BatchNorm with each batch's
+  statistics, running statistics updated) and is back in eval mode outside it, so any evaluation of
+  the teacher is unaffected. Its parameters stay frozen and its forward stays under ``no_grad``,
+  which changes no value: nothing of the teacher requires a gradient, and BatchNorm updates its
+  running statistics without autograd anyway. The checkpoint then holds the teacher's buffers, so a
+  resumed run continues from the running statistics the killed one had reached.
+
 Precision: the engine runs ``forward`` under the run's autocast (bf16 / fp16 on a GPU), so
 connectors and attention modules run fast; the loss functions themselves are decorated with
 ``float32`` and compute in float32. ``own_step`` gets the ``Runtime`` for its own backward and
@@ -17,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -82,6 +99,11 @@ class Method(nn.Module):
 
     #: False lets the engine skip the teacher entirely (the plain student)
     needs_teacher: ClassVar[bool] = True
+    #: how the teacher runs in a training step: "eval" or "train" (see the module docstring);
+    #: a subclass may make it a property of its Config. Fixed for a run.
+    teacher_mode: Literal["eval", "train"] = "eval"
+    #: True while the student model's own parameters must not change; set in ``on_step``
+    student_frozen: bool = False
 
     @classmethod
     def teacher_requirements(cls, cfg: Any) -> dict[str, Any]:
@@ -125,9 +147,10 @@ class Method(nn.Module):
         """Told the current step before each training step (for warm-ups and freezes).
 
         On a GPU the step after it is a replayed CUDA graph (``kdbench.cuda_graphs``): what this
-        changes must be ``requires_grad`` flags (a new set of flags captures the step again), a
-        tensor changed in place, or a learning rate set with ``set_lr``; a Python number the
-        forward reads would stay at its value when the step was captured."""
+        changes must be ``requires_grad`` flags (a new set of flags, the student's included,
+        captures the step again), ``student_frozen`` (which the engine turns into the student's
+        flags), a tensor changed in place, or a learning rate set with ``set_lr``; a Python number
+        the forward reads would stay at its value when the step was captured."""
 
     # -- checkpointing -------------------------------------------------------------------
     def optimizer_state(self) -> dict[str, Any]:

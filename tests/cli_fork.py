@@ -55,12 +55,15 @@ def child(req):
 
 running = {}
 out = sys.stdout
-while True:
-    ready, _, _ = select.select([sys.stdin], [], [], 0.05)
-    if ready:
-        line = sys.stdin.readline()
-        if not line:
-            break
+pending, closed = b"", False
+while not closed:
+    ready, _, _ = select.select([0], [], [], 0.05)
+    if ready:  # raw reads: a buffered readline would hide a second request from select
+        chunk = os.read(0, 1 << 16)
+        closed = not chunk
+        pending += chunk
+    while b"\n" in pending:
+        line, pending = pending.split(b"\n", 1)
         req = json.loads(line)
         if "kill" in req:
             pid = next((p for p, i in running.items() if i == req["kill"]), None)

@@ -162,12 +162,16 @@ def test_code_preset_warms_connectors_up_then_freezes_them():
         student, teacher = features()
         method.zero_grad(set_to_none=True)
         method(student, teacher, None)["attnfd"].backward()
-        return student, [p.grad for p in method.connectors.parameters()]
+        return student, [p.grad for p in method.connectors.parameters()], [p.grad for p in method.student_cbam.parameters()]
 
-    student, conn = grads(2)  # first epoch: only the connectors (and student CBAMs) learn
+    # first epoch: only the connectors learn; the method asks the engine to freeze the student model
+    student, conn, cbam = grads(2)
     assert all(student[k].grad is None for k in LAYERS) and all(g is not None for g in conn)
-    student, conn = grads(3)  # afterwards the connectors are frozen and the student learns
+    assert method.student_frozen and all(g is None for g in cbam)
+    # afterwards the connectors are frozen and the student (its CBAMs but their channel MLP) learns
+    student, conn, cbam = grads(3)
     assert all(student[k].grad is not None for k in LAYERS) and all(g is None for g in conn)
+    assert not method.student_frozen and any(g is not None for g in cbam)
 
 
 def test_engine_step_with_the_code_preset():

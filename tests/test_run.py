@@ -99,7 +99,9 @@ RESUMED = [("skd", "paper", ["method.adv_width=8"]), ("attnfd", "code", [])]
 def test_resume_restores_the_method_and_its_optimizers(shared_workdir, name, preset, extra):
     """The KD resume test has no method state to lose. SKD paper has a discriminator (narrowed here,
     for speed) with its own SGD (momentum, poly lr) and a random gradient penalty; AttnFD code trains
-    its connectors alone for one epoch, then freezes them. 24 images / batch 4 = 6 steps per epoch:
+    its connectors alone for one epoch (the student frozen), then freezes them, and runs the teacher
+    in train mode, so the teacher's BatchNorm statistics are state too (``teacher_buffers``).
+    24 images / batch 4 = 6 steps per epoch:
     the checkpoint (step 5) is inside the warm-up, the kill (step 7) after a step past it, so both
     the killed and the resumed run cross the boundary."""
     sets = ["train.iterations=8", "train.checkpoint_interval=5", "train.eval_interval=0", *extra]
@@ -117,7 +119,8 @@ def test_resume_restores_the_method_and_its_optimizers(shared_workdir, name, pre
     assert resumed.metrics == full.metrics
     a, b = (torch.load(r.checkpoint, weights_only=True) for r in (full, resumed))
     assert a["method"] and (a["method_optimizers"] or name == "attnfd")  # there is method state to lose
-    for key in ("method", "method_optimizers", "student", "optimizer", "scheduler"):
+    assert ("teacher_buffers" in a) == (name == "attnfd")  # the code preset's teacher runs in train mode
+    for key in ("method", "method_optimizers", "student", "optimizer", "scheduler", *(["teacher_buffers"] if name == "attnfd" else [])):
         _same(a[key], b[key], key)
 
 
@@ -153,17 +156,20 @@ def test_two_first_runs_train_the_teacher_once(workdir):
     """Two processes that need the same uncached teacher: one trains it, the other waits for the
     lock and uses it; one teacher run in MLflow, both runs finish."""
     import os
-    import subprocess
-    import sys
+    from concurrent.futures import ThreadPoolExecutor
 
-    args = [sys.executable, "-m", "kdbench.cli", "run", "--recipe", "tiny", "--method", "kd", "--set", "train.eval_interval=0", "--quiet"]
-    procs = [subprocess.Popen([*args, "--seed", str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for s in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    from tests.cli_fork import ForkedCLI
+
+    cli = ForkedCLI(workdir / "cli")
+    args = ("run", "--recipe", "tiny", "--method", "kd", "--set", "train.eval_interval=0", "--quiet")
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda s: cli.run((*args, "--seed", str(s)), workdir, dict(os.environ), 600), (0, 1)))
+    cli.close()
+    assert all(r.returncode == 0 for r in outs), outs
     runs = _runs()
     assert (runs["tags.kdbench.role"] == "teacher").sum() == 1
     assert (runs["tags.kdbench.role"] == "student").sum() == 2
-    assert sum("No trained teacher" in err for _, err in outs) == 1
+    assert sum("No trained teacher" in r.stderr for r in outs) == 1
 
 
 def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(workdir):

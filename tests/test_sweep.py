@@ -2,7 +2,6 @@
 the others, and two workers on one work list never run a cell twice. Real tiny runs throughout."""
 
 import os
-import subprocess
 import sys
 
 from pathlib import Path
@@ -67,13 +66,17 @@ def test_a_failed_cell_is_reported_and_the_others_run(workdir):
 
 
 def test_two_workers_share_one_grid_without_running_a_cell_twice(workdir):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cli = [sys.executable, "-m", "kdbench.cli"]
-    teacher = subprocess.run([*cli, "teacher", "-r", "tiny", "--set", SETS[0]], env=env, capture_output=True, text=True, timeout=300)
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ)
+    cli = ForkedCLI(workdir / "cli")  # each command a process of its own, forked from a warm server
+    teacher = cli.run(("teacher", "-r", "tiny", "--set", SETS[0]), workdir, env, 300)
     assert teacher.returncode == 0, teacher.stderr
-    args = [*cli, "sweep", "-m", "none", "-m", "kd", "--seeds", "0-2", "-r", "tiny", "--set", SETS[0], "--name", "two", "-q"]
-    workers = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [w.communicate(timeout=600) for w in workers]
+    args = ("sweep", "-m", "none", "-m", "kd", "--seeds", "0-2", "-r", "tiny", "--set", SETS[0], "--name", "two", "-q")
+    with ThreadPoolExecutor(2) as pool:
+        workers = list(pool.map(lambda _: cli.run(args, workdir, env, 600), range(2)))
+    cli.close()
+    outs = [(w.stdout, w.stderr) for w in workers]
     assert all(w.returncode == 0 for w in workers), outs
     students = _students()
     finished = students[students["status"] == "FINISHED"]
