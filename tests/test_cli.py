@@ -112,6 +112,10 @@ def test_help_version_and_methods(cli, tmp_path):
     assert rows["adv_weight"][1] == "0.001" and rows["adv_weight"][4] == "0.0"  # pure: no discriminator
     assert "recipe 'default' sets: adv_width=32" in r.stdout  # the default benchmark's methods: section
     assert "recipe 'tiny' sets" not in cli("methods", "ifvd", "--recipe", "tiny", cwd=tmp_path).stdout
+    r = cli("methods", "kd", cwd=tmp_path)  # the preset a kd run uses, with its values
+    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in r.stdout.splitlines() if ln.startswith("│")}
+    assert "cirkd*" in next(ln for ln in r.stdout.splitlines() if ln.startswith("┃"))
+    assert rows["temperature"][:3] == ["float", "1.0", "1.0"] and rows["on"][2] == "·"
     r = cli("methods", "magic", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: method: unknown method 'magic'")
 
