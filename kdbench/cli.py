@@ -489,7 +489,7 @@ def plot(
 def table_cmd(
     experiment: Annotated[Optional[list[str]], typer.Option("--experiment", "-e", help="MLflow experiment to read (repeatable); default: every experiment named kdbench-* (one per benchmark).")] = None,
     format_: Annotated[Optional[str], typer.Option("--format", "-f", help="md, latex (booktabs), csv (one numeric row per method and column) or html; default: from --out's suffix (.md .tex .csv .html), else md.")] = None,
-    metric: Annotated[str, typer.Option(help="miou or pixel_acc: the final evaluation on val.")] = "miou",
+    metric: Annotated[str, typer.Option(help="miou or pixel_acc: the final evaluation on val; or a kdbench eval result, e.g. eval/s1_flip/miou.")] = "miou",
     per_class: Annotated[bool, typer.Option("--per-class", help="The per-class IoU table instead (mean over seeds), one per (dataset, student) column, or the one --group names.")] = False,
     group: Annotated[Optional[str], typer.Option(help="With --per-class: only the column whose name (DATASET: ARCH/BACKBONE) contains this, e.g. resnet18.")] = None,
     extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, the student's parameters, wall time per run (MLflow start to end) and training throughput (images/s). FLOPs are not logged.")] = False,
