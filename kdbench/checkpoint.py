@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 

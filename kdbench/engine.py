@@ -399,19 +399,27 @@ def evaluate(
 # the loop
 
 
+def best_miou(latest: float, history: list[dict[str, float]]) -> float:
+    """The best val mIoU so far: the latest evaluation's or one of the ``history``'s."""
+    return max([latest, *(h["miou"] for h in history)])
+
+
 class NonFiniteWatch:
     """Remembers the first step with a loss term (the method's own included) that is NaN or
     infinite, without waiting for the device; ``check``, called where the loop waits anyway (log
     intervals, evaluations, checkpoints; every step on the CPU), stops the run. So a checkpoint is
-    never written after a non-finite step: the last one is the last good one."""
+    never written after a non-finite step: the last one is the last good one. Disabled (skip mode:
+    the step itself skips non-finite updates), it watches nothing."""
 
-    def __init__(self, label: str = "training") -> None:
-        self.label = label
+    def __init__(self, label: str = "training", enabled: bool = True) -> None:
+        self.label, self.enabled = label, enabled
         self.keys: list[str] = []
         self.first: torch.Tensor | None = None  #: the step, -1 while all were finite
         self.values = torch.zeros(0)
 
     def see(self, step: int, logged: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
         if list(logged) != self.keys:  # another set of terms (a phase of the method): settle the old first
             self.check()
             self.keys, self.first = list(logged), None
@@ -527,7 +535,7 @@ def run_loop(
         if evaluation is None:
             return
         metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt)
-        best = max([metrics.miou, *(h["miou"] for h in state.history)])
+        best = best_miou(metrics.miou, state.history)
         state.history.append({"step": state.step, "miou": metrics.miou})
         if progress and hasattr(bar, "console"):
             bar.console.print(f"{label} step {state.step}/{total}: val mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f})", markup=False, highlight=False)
@@ -536,22 +544,20 @@ def run_loop(
 
     loader = train_batches(train_set, cfg.batch_size, seed, state.step, total, workers, rt)
     window_start, window_steps = time.perf_counter(), 0
-    watch = None if state.skip_nonfinite else NonFiniteWatch(label)
+    watch = NonFiniteWatch(label, enabled=not state.skip_nonfinite)
     with make_progress(enabled=progress) as bar:
         task = bar.add_task(label, total=total, completed=state.step, loss=math.nan, lr=0.0, ips=0.0)
         for images, target in loader:
             logged = train_step(state, images, target)
             window_steps += 1
             step = state.step
-            if watch is not None:
-                watch.see(step, logged)
-                if not rt.cuda:
-                    watch.check()
+            watch.see(step, logged)
+            if not rt.cuda:
+                watch.check()
             if step % cfg.log_interval == 0 or step == total:
                 values = {k: float(v) for k, v in logged.items()}  # the one wait for the device per log interval
-                if watch is not None:
-                    watch.check()
-                else:  # a skipped step's values are not logged; the count is
+                watch.check()
+                if state.skip_nonfinite:  # a skipped step's values are not logged; the count is
                     values = {k: v for k, v in values.items() if math.isfinite(v)}
                     values[Metric.SKIPPED_STEPS] = state.skipped_steps
                 elapsed = time.perf_counter() - window_start
@@ -563,15 +569,12 @@ def run_loop(
             else:
                 bar.update(task, completed=step)
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
-                if watch is not None:
-                    watch.check()
+                watch.check()
                 do_eval()
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < total:
-                if watch is not None:
-                    watch.check()
+                watch.check()
                 checkpoint()
             hooks.after_step(step)
             fault_point("step")
-    if watch is not None:
-        watch.check()
+    watch.check()
     checkpoint()

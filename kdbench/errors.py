@@ -1,8 +1,19 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """Bad input: a recipe key, a missing file, a checkpoint that does not fit. Message says the fix."""
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:
+    """"did you mean 'x'? " for the closest of ``choices`` to a mistyped ``word`` ("" if none is close)."""
+    close = difflib.get_close_matches(str(word), list(choices), n=n)
+    return f"did you mean {', '.join(map(repr, close))}? " if close else ""
 
 
 class Stopped(Exception):

@@ -374,16 +374,12 @@ def _log(result: EvalResult, recipe: Any, uri: str, weights: Weights, runtime_ta
 
 def print_summary(result: EvalResult, out: Console) -> None:
     """mIoU, pixel accuracy and per-class IoU by class name, and where the result went."""
-    from rich.table import Table
+    from kdbench.progress import per_class_table
 
     m = result.metrics
     how = f"scales {', '.join(f'{s:g}' for s in result.scales)}" + (", flipped" if result.flip else "")
     title = f"{result.model} on {result.dataset} val ({result.images} images; {how}): mIoU {100 * m.miou:.2f}, pixel acc {100 * m.pixel_acc:.2f}"
-    table = Table(title=title, title_justify="left")
-    for name in result.class_names:
-        table.add_column(name, justify="right")
-    table.add_row(*[f"{100 * v:.1f}" if v == v else "-" for v in m.iou])
-    out.print(table)
+    out.print(per_class_table(title, result.class_names, m.iou))
     where = "a new MLflow run" if result.new_run else "MLflow run"
     out.print(f"logged to {where} {result.run_id} as {Metric.evaluation(result.setting, '*')}", markup=False, highlight=False)
     if result.predictions is not None:

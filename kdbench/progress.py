@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -32,6 +34,15 @@ def make_console(stderr: bool = False) -> Console:
     """A console that does not cut lines at 80 columns where the output is a file or a pipe."""
     probe = Console(stderr=stderr)
     return probe if probe.is_terminal else Console(stderr=stderr, width=200, soft_wrap=True)
+
+
+def per_class_table(title: str, class_names: Sequence[str], iou: Sequence[float]) -> Table:
+    """One row of per-class IoU (%) under the class names; "-" for a class absent from the split."""
+    table = Table(title=title, title_justify="left")
+    for name in class_names:
+        table.add_column(name, justify="right")
+    table.add_row(*[f"{100 * v:.1f}" if v == v else "-" for v in iou])
+    return table
 
 
 class LineLog:

@@ -8,7 +8,6 @@ file) before any work starts, and a problem is one ``UserError`` line naming the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import re
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kdbench.errors import UserError
+from kdbench.errors import UserError, did_you_mean
 from kdbench.outputs import OUTPUT_ROOT
 from kdbench.runtime import check_device_setting
 
@@ -283,9 +282,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UserError(f"{full}: unknown key ({hint}known keys here: {', '.join(names)})")
+            raise UserError(f"{full}: unknown key ({did_you_mean(key, names)}known keys here: {', '.join(names)})")
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
@@ -417,8 +414,7 @@ def validate(recipe: Recipe) -> Recipe:
         if bad:
             raise UserError(f"{section}.attention_taps: unknown taps {sorted(bad)}; use backbone, encoder, decoder")
         if not timm.is_model(m.backbone):  # here, not when the model is built after the teacher's training
-            close = difflib.get_close_matches(m.backbone, timm.list_models(), n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
+            hint = did_you_mean(m.backbone, timm.list_models(), n=3)
             raise UserError(f"{section}.backbone: timm has no model {m.backbone!r} ({hint}see timm.list_models('resnet*'))")
         if isinstance(m.pretrained, str) and not Path(m.pretrained).expanduser().is_file():
             raise UserError(f"{section}.pretrained: no weights file {m.pretrained}")

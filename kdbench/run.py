@@ -21,12 +21,12 @@ from rich.console import Console
 
 from kdbench.checkpoint import exclusive, load, save_atomic, verify_checksum, writable_folder, write_checksum
 from kdbench.data import Splits, load_splits, resolve_cache_dir
-from kdbench.engine import LoopHooks, build_state, eval_loader, evaluate, load_state, run_loop
+from kdbench.engine import LoopHooks, best_miou, build_state, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import build_model
-from kdbench.progress import make_console
+from kdbench.progress import make_console, per_class_table
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
 from kdbench.schema import Artifact, Metric, Role, Tag
@@ -373,15 +373,11 @@ def _summary(
 ) -> None:
     """What a researcher looks for when a run ends: the numbers, where the weights are, how to open the run."""
     import mlflow
-    from rich.table import Table
 
-    best = max([metrics.miou, *(h["miou"] for h in history)])
-    table = Table(title=f"{run_name}: mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f}), pixel acc {100 * metrics.pixel_acc:.2f}, {seconds:.0f} s", title_justify="left")
-    for name in class_names:
-        table.add_column(name, justify="right")
-    table.add_row(*[f"{100 * v:.1f}" if v == v else "-" for v in metrics.iou])
+    best = best_miou(metrics.miou, history)
+    title = f"{run_name}: mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f}), pixel acc {100 * metrics.pixel_acc:.2f}, {seconds:.0f} s"
     out = make_console()
-    out.print(table)
+    out.print(per_class_table(title, class_names, metrics.iou))
     out.print(f"weights: {ckpt.resolve()}", markup=False, highlight=False)
     uri = mlflow.get_tracking_uri()
     out.print(f"MLflow run {run_id}; to browse: mlflow ui --backend-store-uri {uri}", markup=False, highlight=False)

@@ -13,7 +13,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 import kdbench
-from kdbench.outputs import OUTPUT_ROOT, artifact_location, sqlite_file, tracking_uri, use_tracking
+from kdbench.outputs import OUTPUT_ROOT, artifact_location, sqlite_file, use_tracking
 from kdbench.schema import Tag, encode_param
 
 
@@ -52,11 +52,10 @@ class Tracker:
     """A thin, explicit wrapper: start (or reopen) a run, log, end with a status."""
 
     def __init__(self, uri: str | None, experiment: str, root: str | Path = OUTPUT_ROOT) -> None:
-        self.uri = tracking_uri(uri, root)
+        self.uri = use_tracking(uri, root)
         db = sqlite_file(self.uri)
-        if db is not None:
+        if db is not None:  # MLflow creates the file, not its folder
             db.parent.mkdir(parents=True, exist_ok=True)
-        use_tracking(uri, root)
         check_reachable()
         self.experiment = experiment
         self.client = mlflow.MlflowClient()

@@ -8,14 +8,13 @@ group. Adding a method is adding one file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.metadata
 import pkgutil
 import typing
 from typing import Any
 
-from kdbench.errors import UserError
+from kdbench.errors import UserError, did_you_mean
 
 from .base import FeatureSpec, Method
 
@@ -83,9 +82,7 @@ def resolve_config(name: str, preset: str | None, overrides: dict[str, Any], whe
     for key, value in {**presets[preset], **overrides}.items():
         if key not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UserError(f"{where}.{key}: unknown hyper-parameter of {name!r} ({hint}it has: {known})")
+            raise UserError(f"{where}.{key}: unknown hyper-parameter of {name!r} ({did_you_mean(key, sorted(fields))}it has: {known})")
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         cfg = cls.Config(**values)
