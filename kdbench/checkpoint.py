@@ -71,18 +71,19 @@ def _sha256(path: Path) -> str:
 
 
 @contextmanager
-def exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+def exclusive(lock_file: Path, waiting: str | None = None, what: str = "cache_dir") -> Iterator[None]:
     """An exclusive file lock for making a cache entry: processes that need the same entry at once
-    (a sweep's workers, two terminals) make it once; the others print ``waiting`` and wait, then find
-    it made. The kernel drops the lock of a killed holder."""
+    (a sweep's workers, two terminals) make it once; the others print ``waiting`` (if given) and
+    wait, then find it made. The kernel drops the lock of a killed holder."""
     import fcntl
 
-    writable_folder(lock_file.parent, "cache_dir")
+    writable_folder(lock_file.parent, what)
     with open(lock_file, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(waiting, file=sys.stderr, flush=True)
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

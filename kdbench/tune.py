@@ -170,7 +170,7 @@ def _is_journal(url: str) -> bool:
     return url.startswith("journal:") or url.endswith(".log")
 
 
-def _storage_file(url: str) -> Path | None:
+def storage_file(url: str) -> Path | None:
     """The file a storage lives in (an SQLite database or a journal), None for a server."""
     if url.startswith("sqlite:///"):
         return Path(url.split("///", 1)[1])
@@ -182,7 +182,7 @@ def resolve_storage(url: str) -> Any:
     (journal:PATH or a path ending in .log), which works without a database server."""
     import optuna
 
-    own, mlflows = _storage_file(url), _storage_file(tracking_uri())
+    own, mlflows = storage_file(url), storage_file(tracking_uri())
     if own is not None and mlflows is not None and own.resolve() == mlflows.resolve():
         raise UserError(f"--storage: {url} is MLflow's store; Optuna and MLflow cannot share one SQLite file (the default is {study_storage()})")
     if own is not None:
@@ -388,7 +388,7 @@ def _finish(spec: StudySpec, study: Any, tracker: Any) -> StudyResult:
 
 def best_recipe_path(spec: StudySpec) -> Path:
     """``<storage folder>/<study>-best.yaml`` for a file storage; ./ otherwise."""
-    file = _storage_file(spec.storage)
+    file = storage_file(spec.storage)
     return (file.parent if file is not None else Path(".")) / f"{spec.study}-best.yaml"
 
 
