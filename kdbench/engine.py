@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from kdbench.checkpoint import save_atomic
+from kdbench.checkpoint import load, save_atomic
 from kdbench.errors import NonFiniteLoss, UserError
 from kdbench.faults import fault_point
 from kdbench.metrics import SegMetrics, confusion_matrix
@@ -152,6 +152,8 @@ class TrainState:
     #: train.on_nonfinite == "skip": a step whose loss is not finite updates nothing
     skip_nonfinite: bool = False
     skipped_steps: int = 0
+    #: train.select == "best": (step, student weights) of the best evaluation so far, kept in memory
+    best: tuple[int, dict[str, torch.Tensor]] | None = None
     #: the student's parameters that train (frozen together while the method asks for it) and
     #: whether they are frozen now
     student_trainable: list[nn.Parameter] = field(init=False, repr=False)
@@ -399,6 +401,36 @@ def evaluate(
 # the loop
 
 
+BEST_FILE = "best.pt"  #: beside a run's last.pt: the weights train.select=best reports
+
+
+def keep_best(state: TrainState, checkpoint_path: Path | None, extra: dict[str, Any]) -> None:
+    """Remember the student's weights as the best so far (train.select=best), in memory and, for the
+    record and for `kdbench eval`/`plot`, as ``best.pt`` beside the checkpoint."""
+    weights = {k: v.detach().clone() for k, v in state.student.state_dict().items()}
+    state.best = (state.step, weights)
+    if checkpoint_path is not None and state.runtime.is_main:
+        save_atomic({"student": weights, "step": state.step, **extra}, checkpoint_path.with_name(BEST_FILE))
+
+
+def best_weights(state: TrainState, final_miou: float, checkpoint_path: Path | None) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(step, weights) of the best evaluation during training when it beat the final one, else None.
+    After a resume the weights come from ``best.pt`` (the memory copy went with the old process)."""
+    if not state.history:
+        return None
+    top = max(state.history, key=lambda h: h["miou"])
+    if top["miou"] <= final_miou:
+        return None
+    if state.best is not None and state.best[0] == top["step"]:
+        return state.best
+    path = checkpoint_path.with_name(BEST_FILE) if checkpoint_path is not None else None
+    if path is not None and path.is_file():
+        saved = load(path, "best checkpoint")
+        if saved.get("step") == top["step"]:
+            return int(top["step"]), saved["student"]
+    raise UserError(f"train.select=best: the weights of step {top['step']} (val mIoU {100 * top['miou']:.2f}) are gone ({path} is missing or of another step); rerun without --resume")
+
+
 def best_miou(latest: float, history: list[dict[str, float]]) -> float:
     """The best val mIoU so far: the latest evaluation's or one of the ``history``'s."""
     return max([latest, *(h["miou"] for h in history)])
@@ -536,7 +568,10 @@ def run_loop(
             return
         metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt)
         best = best_miou(metrics.miou, state.history)
+        improved = not state.history or metrics.miou > max(h["miou"] for h in state.history)
         state.history.append({"step": state.step, "miou": metrics.miou})
+        if improved and cfg.select == "best":
+            keep_best(state, checkpoint_path, hooks.checkpoint_extra)
         if progress and hasattr(bar, "console"):
             bar.console.print(f"{label} step {state.step}/{total}: val mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f})", markup=False, highlight=False)
         hooks.log({Metric.VAL_MIOU: metrics.miou, Metric.VAL_PIXEL_ACC: metrics.pixel_acc}, state.step)

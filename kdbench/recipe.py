@@ -41,6 +41,14 @@ def read_yaml(text: str) -> Any:
 DEFAULT_RECIPE = "default"
 
 
+#: metadata of a key that says how a run copes, not what it computes: hashes (run folders, sweep
+#: cells, cached teachers) leave it out, so adding such a key keeps every existing hash
+UNHASHED = {"hashed": False}
+#: metadata of a key added after runs were made: hashes see it only when it differs from its
+#: default, so a recipe that leaves it alone keeps the hash (cached teacher, sweep cells) it had
+ADDED = {"hashed": "unless_default"}
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Size of the embedded synthetic dataset (see kdbench.data.synthetic)."""
@@ -62,6 +70,15 @@ class DataConfig:
     #: fraction of the training split held out for tuning (never the split tables report)
     holdout_fraction: float = 0.0
     scale_range: tuple[float, float] = (0.5, 2.0)
+    #: "relative": scale_range holds factors of each image's own size; "short_side": it holds the
+    #: shorter side's length in pixels, drawn as an integer (pytorch-deeplab-xception's RandomScaleCrop)
+    scale_mode: Literal["relative", "short_side"] = field(default="relative", metadata=ADDED)
+    #: label of the mask pixels that padding to the crop adds: 255 ignores them; the released AttnFD
+    #: code pads VOC masks with 0 (background) and Cityscapes masks with 255
+    pad_label: int = field(default=255, metadata=ADDED)
+    #: probability of a Gaussian blur of a training image, radius (sigma) uniform in [0, 1) (the
+    #: released AttnFD code: 0.5)
+    blur: float = field(default=0.0, metadata=ADDED)
     flip: bool = True
     #: "imagenet": RGB mean/std; "cirkd_bgr": CIRKD's BGR mean subtraction on 0-255 pixels
     normalize: Literal["imagenet", "cirkd_bgr"] = "imagenet"
@@ -69,9 +86,6 @@ class DataConfig:
     workers: int | Literal["auto"] = "auto"
 
 
-#: metadata of a key that says how a run copes, not what it computes: hashes (run folders, sweep
-#: cells, cached teachers) leave it out, so adding such a key keeps every existing hash
-UNHASHED = {"hashed": False}
 
 
 @dataclass(frozen=True)
@@ -130,12 +144,20 @@ class TrainConfig:
     #: checkpoint stays the last good one), or "skip" its update (counted in `train/skipped_steps`;
     #: waits for each step's loss, so no CUDA graph of the step)
     on_nonfinite: Literal["stop", "skip"] = field(default="stop", metadata=UNHASHED)
+    #: which weights a run ends with and reports: "last", or "best": those of the evaluation (every
+    #: eval_interval, and the end) with the highest val mIoU, as the released AttnFD code reports its
+    #: best epoch. Choosing on the split that is reported flatters the number: say so in tables
+    select: Literal["last", "best"] = field(default="last", metadata=ADDED)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
+    #: resize image and mask so the shorter side has this many pixels before evaluating (bilinear /
+    #: nearest), as pytorch-deeplab-xception's FixedResize; the metric is counted at that size.
+    #: Empty: every image at its own size
+    resize_short: int | None = field(default=None, metadata=ADDED)
     #: evaluation batch size; >1 only when all images of a split have the same size
     batch_size: int = 1
 
@@ -204,8 +226,16 @@ class Recipe:
 
 def _hashed(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("hashed", True)}
+        return {f.name: _hashed(getattr(obj, f.name)) for f in dataclasses.fields(obj) if _hashes(f, getattr(obj, f.name))}
     return obj
+
+
+def _hashes(f: dataclasses.Field[Any], value: Any) -> bool:
+    rule = f.metadata.get("hashed", True)
+    if rule == "unless_default":
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return _plain(value) != _plain(default)
+    return bool(rule)
 
 
 def _plain(obj: Any) -> Any:
@@ -403,6 +433,14 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.holdout_fraction: must be in [0, 1), got {d.holdout_fraction}")
     if not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise UserError(f"data.scale_range: expected 0 < low <= high, got {list(d.scale_range)}")
+    if d.scale_mode == "short_side" and any(v != int(v) or v < 1 for v in d.scale_range):
+        raise UserError(f"data.scale_range: with scale_mode short_side it holds pixel lengths (whole numbers >= 1), got {list(d.scale_range)}")
+    if not 0.0 <= d.blur <= 1.0:
+        raise UserError(f"data.blur: a probability in [0, 1], got {d.blur}")
+    if not 0 <= d.pad_label <= 255:
+        raise UserError(f"data.pad_label: a label id in [0, 255] (255: ignored), got {d.pad_label}")
+    if recipe.eval.resize_short is not None and recipe.eval.resize_short < 1:
+        raise UserError(f"eval.resize_short: a length in pixels >= 1 (or empty), got {recipe.eval.resize_short}")
     if not recipe.eval.scales or min(recipe.eval.scales) <= 0:
         raise UserError(f"eval.scales: expected positive scales, got {list(recipe.eval.scales)}")
     check_device_setting(recipe.runtime.device)
@@ -453,7 +491,7 @@ def per_method_config(recipe: Recipe, name: str, preset: str | None = None) -> A
 def teacher_key(recipe: Recipe) -> str:
     """Cache key of a teacher trained by kdbench: what it is, what it learns from and how."""
     r = recipe.hashed_dict()
-    train = {k: v for k, v in r["train"].items() if k not in ("iterations", "eval_interval", "checkpoint_interval", "log_interval")}
+    train = {k: v for k, v in r["train"].items() if k not in ("iterations", "eval_interval", "checkpoint_interval", "log_interval", "select")}
     teacher = {k: v for k, v in r["teacher"].items() if k != "checkpoint"}
     data = {k: v for k, v in r["data"].items() if k not in ("workers", "holdout_fraction")}
     blob = json.dumps({"teacher": teacher, "data": data, "train": train}, sort_keys=True)

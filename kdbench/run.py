@@ -21,7 +21,7 @@ from rich.console import Console
 
 from kdbench.checkpoint import exclusive, load, save_atomic, verify_checksum, writable_folder, write_checksum
 from kdbench.data import Splits, load_splits, resolve_cache_dir
-from kdbench.engine import LoopHooks, best_miou, build_state, eval_loader, evaluate, load_state, run_loop
+from kdbench.engine import BEST_FILE, LoopHooks, best_miou, best_weights, build_state, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
@@ -347,6 +347,13 @@ def _train(
             label=f"{role} {run_name}",
         )
         metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
+        if train_cfg.select == "best" and (best := best_weights(state, metrics.miou, ckpt_path)) is not None:
+            model.load_state_dict(best[1])  # the run ends with, and reports, its best evaluation's weights
+            metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
+            tracker.log_metrics({Metric.SELECTED_STEP: best[0]}, state.step)
+            if role == Role.STUDENT:
+                weights_file = ckpt_path.with_name(BEST_FILE)
+                tracker.set_tags({Tag.CHECKPOINT: str(weights_file.resolve())})
         eval_hook(state.step, metrics)
         if rt.is_main:
             _log_final(tracker, recipe, metrics, cm, splits.class_names, model, run_dir, state.step)

@@ -64,6 +64,7 @@ class Metric:
     LR = "lr"
     IMAGES_PER_S = "throughput/images_per_s"
     SKIPPED_STEPS = "train/skipped_steps"  #: steps with a non-finite loss that updated nothing (train.on_nonfinite=skip)
+    SELECTED_STEP = "selected_step"  #: train.select=best: the step whose weights the run reports
     PARAMS = "model/params"  #: parameters of the trained model (the student's, in a student run)
     LOSS_TOTAL = "loss/total"
     IOU_PREFIX = "iou/"

@@ -307,3 +307,33 @@ def test_eval_transform_normalizations() -> None:
     assert torch.allclose(x[:, 0, 0], expected, atol=1e-6)
     with pytest.raises(UserError, match="data.normalize"):
         eval_transform("caffe")
+
+
+def test_released_augmentation_options() -> None:
+    from torchvision import tv_tensors
+
+    from kdbench.data.transforms import RandomBlur, RandomScale
+
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8))
+    shorts = set()
+    for _ in range(300):  # the shorter side is a whole number of pixels in the range, both ends included
+        out = RandomScale((50, 54), "short_side")(image)
+        h, w = out.shape[-2:]
+        shorts.add(h)
+        assert w == int(60 * h / 40)
+    assert shorts == {50, 51, 52, 53, 54}
+    portrait = RandomScale((50, 50), "short_side")(tv_tensors.Image(torch.zeros(3, 60, 40, dtype=torch.uint8)))
+    assert tuple(portrait.shape[-2:]) == (75, 50)
+    # padding to the crop labels the mask with pad_label: 255 (ignored) by default, 0 as AttnFD's VOC loader
+    picture, mask = Image.fromarray(image.permute(1, 2, 0).numpy()), np.ones((40, 60), dtype=np.uint8)
+    for pad_label in (255, 0):
+        _, y = train_transform((80, 80), (40, 40), flip=False, ignore_index=pad_label, scale_mode="short_side")(picture, mask)
+        assert set(y.unique().tolist()) == {1, pad_label}
+    # the blur touches the image, never the mask; p=0 is the identity
+    lbl = tv_tensors.Mask(torch.randint(0, 5, (40, 60), dtype=torch.uint8))
+    blurred = [RandomBlur(1.0)(image, lbl) for _ in range(5)]
+    assert any(not torch.equal(b[0], image) for b in blurred) and all(torch.equal(b[1], lbl) for b in blurred)
+    assert torch.equal(RandomBlur(0.0)(image), image)
+    # evaluation at a resized shorter side: image and mask alike, aspect kept
+    x, y = eval_transform(resize_short=20)(picture, mask)
+    assert x.shape == (3, 20, 30) and y.shape == (20, 30) and set(y.unique().tolist()) == {1}

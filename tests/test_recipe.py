@@ -116,3 +116,15 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     assert load_recipe(str(path)).train.lr == 0.02
     with pytest.raises(UserError, match="train.iterations: expected int, got 10.0"):  # a float, not a count
         load_recipe(str(path), ["train.iterations=1e1"])
+
+
+def test_keys_added_later_leave_existing_hashes_alone_until_set():
+    base = load_recipe("default")
+    hashed = base.hashed_dict()
+    assert "select" not in hashed["train"] and "blur" not in hashed["data"] and "resize_short" not in hashed["eval"]
+    changes = (["train.select=best"], ["data.blur=0.5"], ["data.scale_mode=short_side", "data.scale_range=[48,96]"], ["data.pad_label=0"], ["eval.resize_short=32"])
+    for overrides in changes:
+        assert load_recipe("default", overrides).hash() != base.hash(), overrides
+    # the teacher trains without evaluations, so which evaluation a run reports is not the teacher's business
+    assert teacher_key(load_recipe("default", ["train.select=best"])) == teacher_key(base)
+    assert teacher_key(load_recipe("default", ["data.blur=0.5"])) != teacher_key(base)

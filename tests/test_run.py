@@ -191,3 +191,19 @@ def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(workdir):
     assert skipped == 8 - (bad_step - 1)  # every step from the first bad one on: the weights stay as they were
     weights = torch.load(skipping.checkpoint, weights_only=True)["student"]
     assert all(torch.isfinite(v).all() for v in weights.values()) and all(torch.equal(weights[k], ckpt["student"][k]) for k in weights)
+
+
+def test_select_best_reports_the_best_evaluation_and_its_weights(workdir):
+    sets = ["train.iterations=16", "train.eval_interval=1", "train.optimizer=adamw", "train.lr=0.003"]
+    last = run(load_recipe("tiny", sets, method="none"), quiet=True)
+    best = run(load_recipe("tiny", [*sets, "train.select=best"], method="none"), quiet=True)
+    client = mlflow.MlflowClient()
+    history = {m.step: m.value for m in client.get_metric_history(best.run_id, "val/miou")}
+    top_step = max(history, key=history.get)
+    # this setting peaks before its end (seeded, bit-exact on the CPU), so the choice is exercised
+    assert history[top_step] > last.metrics.miou, "the scenario no longer peaks early: pick another lr"
+    assert math.isclose(best.metrics.miou, history[top_step]) and not math.isclose(best.metrics.miou, last.metrics.miou)
+    run_data = client.get_run(best.run_id).data
+    assert run_data.metrics["selected_step"] == top_step and "selected_step" not in client.get_run(last.run_id).data.metrics
+    chosen = run_data.tags["kdbench.checkpoint"]
+    assert chosen.endswith("best.pt") and torch.load(chosen, weights_only=True)["step"] == top_step

@@ -75,6 +75,10 @@ def build_splits(
     scale_range: tuple[float, float] = (0.5, 2.0),
     flip: bool = True,
     normalize: str = "imagenet",
+    scale_mode: str = "relative",
+    pad_label: int = 255,
+    blur: float = 0.0,
+    resize_short: int | None = None,
     use_sbd: bool = True,
     holdout_fraction: float = 0.0,
     seed: int = 0,
@@ -87,8 +91,8 @@ def build_splits(
         raise UserError(f"data.dataset: expected one of {list(DATASETS)}, got {dataset!r}")
     if not 0.0 <= holdout_fraction < 1.0:
         raise UserError(f"data.holdout_fraction: must be in [0, 1), got {holdout_fraction}")
-    train_tf = train_transform(crop_size, scale_range, flip, normalize)
-    eval_tf = eval_transform(normalize)
+    train_tf = train_transform(crop_size, scale_range, flip, normalize, pad_label, scale_mode, blur)
+    eval_tf = eval_transform(normalize, resize_short)
 
     if dataset == "cityscapes":
         path = _resolve_root(dataset, root)
@@ -136,6 +140,10 @@ def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
         scale_range=d.scale_range,
         flip=d.flip,
         normalize=d.normalize,
+        scale_mode=d.scale_mode,
+        pad_label=d.pad_label,
+        blur=d.blur,
+        resize_short=recipe.eval.resize_short,
         use_sbd=d.use_sbd,
         holdout_fraction=d.holdout_fraction,
         seed=recipe.seed,

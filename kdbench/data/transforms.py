@@ -7,6 +7,7 @@ always resized with nearest interpolation.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -29,24 +30,53 @@ JointTransform = Callable[[Image.Image, "Image.Image | np.ndarray"], Pair]
 
 
 class RandomScale(v2.Transform):
-    """Resize by a factor drawn uniformly from ``scale_range``, relative to the input's own size.
+    """Resize by a factor drawn uniformly from ``scale_range``, relative to the input's own size;
+    or, with ``mode="short_side"``, so that the shorter side is an integer drawn uniformly from
+    ``scale_range`` (both ends included) and the longer side keeps the aspect ratio, truncated
+    (pytorch-deeplab-xception's RandomScaleCrop, which the released AttnFD code uses).
 
-    v2.RandomResize and v2.ScaleJitter scale to absolute sizes; segmentation recipes scale each
-    image relative to itself, whatever its size.
+    v2.RandomResize and v2.ScaleJitter scale to absolute sizes; most segmentation recipes scale
+    each image relative to itself, whatever its size.
     """
 
-    def __init__(self, scale_range: tuple[float, float]) -> None:
+    def __init__(self, scale_range: tuple[float, float], mode: str = "relative") -> None:
         super().__init__()
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.mode = mode
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         low, high = self.scale_range
+        if self.mode == "short_side":
+            return {"short": int(torch.randint(int(low), int(high) + 1, ()).item())}
         return {"factor": low + (high - low) * torch.rand(()).item()}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         h, w = F.get_size(inpt)
-        size = [max(1, round(h * params["factor"])), max(1, round(w * params["factor"]))]
+        if self.mode == "short_side":
+            short = params["short"]
+            size = [short, int(w * short / h)] if h <= w else [int(h * short / w), short]
+        else:
+            size = [max(1, round(h * params["factor"])), max(1, round(w * params["factor"]))]
         return F.resize(inpt, size, antialias=True)  # masks dispatch to the nearest-neighbour kernel
+
+
+class RandomBlur(v2.Transform):
+    """With probability ``p``, a Gaussian blur of the image (not the mask) with sigma uniform in
+    [0, 1): PIL's GaussianBlur(radius=random()) in pytorch-deeplab-xception's RandomGaussianBlur."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"sigma": torch.rand(()).item() if torch.rand(()).item() < self.p else 0.0}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        sigma = params["sigma"]
+        if not isinstance(inpt, tv_tensors.Image) or sigma < 0.05:  # below 0.05 the kernel is the identity
+            return inpt
+        radius = max(1, math.ceil(3 * sigma))
+        return F.gaussian_blur(inpt, [2 * radius + 1] * 2, [sigma, sigma])
 
 
 class PadToSize(v2.Transform):
@@ -113,20 +143,28 @@ def train_transform(
     flip: bool = True,
     normalize: str = "imagenet",
     ignore_index: int = 255,
+    scale_mode: str = "relative",
+    blur: float = 0.0,
 ) -> Joint:
-    """Random scale, pad, random crop to ``crop_size`` (H, W), horizontal flip, normalise."""
+    """Random scale, pad (the mask with ``ignore_index``), random crop to ``crop_size`` (H, W),
+    horizontal flip, Gaussian blur with probability ``blur``, normalise."""
     crop = (int(crop_size[0]), int(crop_size[1]))
     steps: list[v2.Transform] = [
-        RandomScale(scale_range),
+        RandomScale(scale_range, scale_mode),
         PadToSize(crop, ignore_index),
         v2.RandomCrop(crop),
     ]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
+    if blur > 0:
+        steps.append(RandomBlur(blur))
     steps.append(Normalize(normalize))
     return Joint(v2.Compose(steps))
 
 
-def eval_transform(normalize: str = "imagenet") -> Joint:
-    """Full-size image, normalised: evaluation sees every pixel at its own resolution."""
-    return Joint(Normalize(normalize))
+def eval_transform(normalize: str = "imagenet", resize_short: int | None = None) -> Joint:
+    """Normalised image at its own size: evaluation sees every pixel at its own resolution. With
+    ``resize_short``, image and mask are first resized so the shorter side has that length
+    (bilinear / nearest), as pytorch-deeplab-xception's FixedResize does for validation."""
+    steps: list[v2.Transform] = [] if resize_short is None else [v2.Resize(int(resize_short), antialias=True)]
+    return Joint(v2.Compose([*steps, Normalize(normalize)]))
