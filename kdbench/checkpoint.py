@@ -103,12 +103,25 @@ def writable_folder(folder: str | Path, what: str) -> Path:
     return folder
 
 
+def _numpy_scalars() -> list[Any]:
+    """numpy scalars and dtypes: data, not code. Released checkpoints hold some (AttnFD's
+    ``best_pred`` is a numpy float64), which plain weights_only loading refuses."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in ("float64", "float32", "int64"))]
+
+
+_DATA_GLOBALS = _numpy_scalars()
+
+
 def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{what}: no file {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_DATA_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled code, wrong format
         raise load_error(what, path, err) from None
 

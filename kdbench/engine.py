@@ -154,6 +154,8 @@ class TrainState:
     skipped_steps: int = 0
     #: train.select == "best": (step, student weights) of the best evaluation so far, kept in memory
     best: tuple[int, dict[str, torch.Tensor]] | None = None
+    #: the task loss's factor: 1, or 1 / batch size (train.ce_batch_average)
+    task_scale: float = 1.0
     #: the student's parameters that train (frozen together while the method asks for it) and
     #: whether they are frozen now
     student_trainable: list[nn.Parameter] = field(init=False, repr=False)
@@ -214,6 +216,7 @@ def build_state(
         method_forward=method_forward,
     )
     state.skip_nonfinite = cfg.on_nonfinite == "skip"
+    state.task_scale = 1.0 / cfg.batch_size if cfg.ce_batch_average else 1.0
     if rt.cuda and rt.cuda_graphs and not (rt.compile or rt.distributed or rt.precision == "fp16" or state.skip_nonfinite):
         # across processes DDP's bucketed all-reduce and under fp16 the GradScaler's inf checks
         # need the host between kernels; there only the teacher's forward is a graph
@@ -295,7 +298,7 @@ def update(state: TrainState, images: torch.Tensor, target: torch.Tensor, whole_
             with torch.no_grad():
                 t_out = teacher_forward(images)
         s_out = state.student_forward(images)
-        terms = {"task": task_loss(s_out["out"], target)}
+        terms = {"task": task_loss(s_out["out"], target) * state.task_scale}
         if method is not None:
             terms.update(state.method_forward(s_out, t_out, target))
     total = sum(terms.values())

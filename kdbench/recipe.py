@@ -73,6 +73,9 @@ class DataConfig:
     #: "relative": scale_range holds factors of each image's own size; "short_side": it holds the
     #: shorter side's length in pixels, drawn as an integer (pytorch-deeplab-xception's RandomScaleCrop)
     scale_mode: Literal["relative", "short_side"] = field(default="relative", metadata=ADDED)
+    #: relative mode: > 0 draws the factor from low, low + step, ..., high instead of uniformly
+    #: (CIRKD's loaders: 0.5 + randint(0, 15) / 10, i.e. step 0.1 over [0.5, 2.0])
+    scale_step: float = field(default=0.0, metadata=ADDED)
     #: label of the mask pixels that padding to the crop adds: 255 ignores them; the released AttnFD
     #: code pads VOC masks with 0 (background) and Cityscapes masks with 255
     pad_label: int = field(default=255, metadata=ADDED)
@@ -90,7 +93,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["deeplabv3plus", "deeplabv3"] = "deeplabv3plus"
+    #: deeplabv3plus / deeplabv3 on any timm backbone, or a released model exactly:
+    #: deeplabv3plus_attnfd (AttnFD's code, its three CBAMs included), deeplabv3_cirkd (CIRKD's, v1s stem)
+    arch: Literal["deeplabv3plus", "deeplabv3", "deeplabv3plus_attnfd", "deeplabv3_cirkd"] = "deeplabv3plus"
     backbone: str = "resnet18"
     output_stride: Literal[8, 16] = 16
     #: false: random init; true: timm's weights (needs network); a path: a local backbone state_dict
@@ -148,6 +153,10 @@ class TrainConfig:
     #: eval_interval, and the end) with the highest val mIoU, as the released AttnFD code reports its
     #: best epoch. Choosing on the split that is reported flatters the number: say so in tables
     select: Literal["last", "best"] = field(default="last", metadata=ADDED)
+    #: divide the cross-entropy (a mean over pixels) by the batch size once more, as
+    #: pytorch-deeplab-xception's SegmentationLosses(batch_average=True) does: the released AttnFD
+    #: code's task loss is 1/6 of the usual at batch 6, against its distillation term
+    ce_batch_average: bool = field(default=False, metadata=ADDED)
 
 
 @dataclass(frozen=True)
@@ -435,6 +444,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.scale_range: expected 0 < low <= high, got {list(d.scale_range)}")
     if d.scale_mode == "short_side" and any(v != int(v) or v < 1 for v in d.scale_range):
         raise UserError(f"data.scale_range: with scale_mode short_side it holds pixel lengths (whole numbers >= 1), got {list(d.scale_range)}")
+    if d.scale_step < 0 or (d.scale_step > 0 and d.scale_mode != "relative"):
+        raise UserError(f"data.scale_step: a factor step >= 0 for scale_mode relative, got {d.scale_step} with scale_mode {d.scale_mode}")
     if not 0.0 <= d.blur <= 1.0:
         raise UserError(f"data.blur: a probability in [0, 1], got {d.blur}")
     if not 0 <= d.pad_label <= 255:
@@ -455,7 +466,7 @@ def validate(recipe: Recipe) -> Recipe:
             hint = did_you_mean(m.backbone, timm.list_models(), n=3)
             raise UserError(f"{section}.backbone: timm has no model {m.backbone!r} ({hint}see timm.list_models('resnet*'))")
         if isinstance(m.pretrained, str) and not Path(m.pretrained).expanduser().is_file():
-            raise UserError(f"{section}.pretrained: no weights file {m.pretrained}")
+            raise UserError(f"{section}.pretrained: no weights file {m.pretrained}; give its path with --set {section}.pretrained=PATH (false: random init)")
     ckpt = recipe.teacher.checkpoint
     if ckpt and not Path(ckpt).expanduser().is_file():
         raise UserError(f"teacher.checkpoint: no checkpoint file {ckpt} (leave it empty to train one)")

@@ -25,7 +25,7 @@ from kdbench.engine import BEST_FILE, LoopHooks, best_miou, best_weights, build_
 from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
-from kdbench.models import build_model
+from kdbench.models import RELEASED, build_model, from_released
 from kdbench.progress import make_console, per_class_table
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
 from kdbench.runtime import Runtime, make_runtime
@@ -74,8 +74,13 @@ def load_teacher(recipe: Recipe, path: Path, num_classes: int) -> tuple[torch.nn
     for key in ("arch", "backbone", "num_classes", "attention_taps"):
         if key in meta and meta[key] != expected[key]:
             raise UserError(f"teacher.checkpoint: {path} has {key}={meta[key]!r} but the recipe wants {expected[key]!r}")
-    model = build_model(recipe.teacher, num_classes)
+    model = build_model(recipe.teacher, num_classes, pretrained=False)  # the checkpoint holds every weight
     ref = model.state_dict()
+    if recipe.teacher.arch in RELEASED and "model" not in ckpt and set(state) != set(ref):
+        try:  # a teacher file as the released code saved it (AttnFD's teacher-pascal.pth.tar, CIRKD's *_best_model.pth)
+            state = from_released(recipe.teacher.arch, state)
+        except UserError as err:
+            raise UserError(f"teacher.checkpoint: {path}: {err}") from None
     missing = [k for k in ref if k not in state]
     unexpected = [k for k in state if k not in ref]
     wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]

@@ -11,7 +11,6 @@ runs a torch op, so the children start with torch's thread pools untouched.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -251,3 +251,29 @@ def test_wgan_gp_discriminator_step_by_hand():
     delta_w = [disc.weight[0, k].item() - W[k] for k in (0, 1)]
     assert delta_w == pytest.approx([-c.adv_lr * (g + c.adv_weight_decay * w) for g, w in zip(g_w, W)], rel=1e-6)
     assert disc.bias.item() - BIAS == pytest.approx(-c.adv_lr * c.adv_weight_decay * BIAS, rel=1e-6)
+
+
+def test_ce_batch_average_divides_the_task_loss_by_the_batch_size():
+    # pytorch-deeplab-xception's SegmentationLosses(batch_average=True): the mean CE over pixels / n.
+    # A 1x1-conv "model" with known logits: CE by hand on two pixels, batch of 2
+    from kdbench.engine import build_state, update
+    from kdbench.recipe import TrainConfig
+    from kdbench.runtime import Runtime
+
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):  # logits (0, log 3) at every pixel: p(class 1) = 3/4
+            logits = torch.stack([torch.zeros_like(x[:, 0]), torch.full_like(x[:, 0], math.log(3))], 1)
+            return {"out": logits + 0 * self.w}
+
+        def param_groups(self):
+            return [self.w], []
+
+    images, target = torch.zeros(2, 1, 1, 1), torch.tensor([[[1]], [[0]]])
+    by_hand = (-math.log(3 / 4) - math.log(1 / 4)) / 2  # mean over the two pixels
+    for average, expected in ((False, by_hand), (True, by_hand / 2)):
+        state = build_state(Fixed(), None, None, TrainConfig(iterations=1, batch_size=2, ce_batch_average=average), Runtime())
+        assert math.isclose(float(update(state, images, target)["loss/task"]), expected, rel_tol=1e-6)

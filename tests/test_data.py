@@ -322,6 +322,8 @@ def test_released_augmentation_options() -> None:
         shorts.add(h)
         assert w == int(60 * h / 40)
     assert shorts == {50, 51, 52, 53, 54}
+    factors = {round(RandomScale((0.5, 2.0), step=0.1).make_params([])["factor"], 6) for _ in range(600)}
+    assert factors == {round(0.5 + k / 10, 6) for k in range(16)}  # CIRKD's 16 factors, ends included
     portrait = RandomScale((50, 50), "short_side")(tv_tensors.Image(torch.zeros(3, 60, 40, dtype=torch.uint8)))
     assert tuple(portrait.shape[-2:]) == (75, 50)
     # padding to the crop labels the mask with pad_label: 255 (ignored) by default, 0 as AttnFD's VOC loader

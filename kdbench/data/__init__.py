@@ -76,6 +76,7 @@ def build_splits(
     flip: bool = True,
     normalize: str = "imagenet",
     scale_mode: str = "relative",
+    scale_step: float = 0.0,
     pad_label: int = 255,
     blur: float = 0.0,
     resize_short: int | None = None,
@@ -91,7 +92,7 @@ def build_splits(
         raise UserError(f"data.dataset: expected one of {list(DATASETS)}, got {dataset!r}")
     if not 0.0 <= holdout_fraction < 1.0:
         raise UserError(f"data.holdout_fraction: must be in [0, 1), got {holdout_fraction}")
-    train_tf = train_transform(crop_size, scale_range, flip, normalize, pad_label, scale_mode, blur)
+    train_tf = train_transform(crop_size, scale_range, flip, normalize, pad_label, scale_mode, blur, scale_step)
     eval_tf = eval_transform(normalize, resize_short)
 
     if dataset == "cityscapes":
@@ -141,6 +142,7 @@ def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
         flip=d.flip,
         normalize=d.normalize,
         scale_mode=d.scale_mode,
+        scale_step=d.scale_step,
         pad_label=d.pad_label,
         blur=d.blur,
         resize_short=recipe.eval.resize_short,

@@ -39,15 +39,18 @@ class RandomScale(v2.Transform):
     each image relative to itself, whatever its size.
     """
 
-    def __init__(self, scale_range: tuple[float, float], mode: str = "relative") -> None:
+    def __init__(self, scale_range: tuple[float, float], mode: str = "relative", step: float = 0.0) -> None:
         super().__init__()
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.mode = mode
+        self.step = float(step)  # > 0: factors low, low + step, ..., high (CIRKD: 0.5 + randint(0, 15) / 10)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         low, high = self.scale_range
         if self.mode == "short_side":
             return {"short": int(torch.randint(int(low), int(high) + 1, ()).item())}
+        if self.step > 0:
+            return {"factor": low + self.step * int(torch.randint(0, round((high - low) / self.step) + 1, ()).item())}
         return {"factor": low + (high - low) * torch.rand(()).item()}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -145,12 +148,13 @@ def train_transform(
     ignore_index: int = 255,
     scale_mode: str = "relative",
     blur: float = 0.0,
+    scale_step: float = 0.0,
 ) -> Joint:
     """Random scale, pad (the mask with ``ignore_index``), random crop to ``crop_size`` (H, W),
     horizontal flip, Gaussian blur with probability ``blur``, normalise."""
     crop = (int(crop_size[0]), int(crop_size[1]))
     steps: list[v2.Transform] = [
-        RandomScale(scale_range, scale_mode),
+        RandomScale(scale_range, scale_mode, scale_step),
         PadToSize(crop, ignore_index),
         v2.RandomCrop(crop),
     ]

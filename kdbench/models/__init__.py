@@ -1,7 +1,10 @@
-"""Segmentation models: ``create_model`` builds DeepLabV3+ / DeepLabV3 on any timm backbone."""
+"""Segmentation models: ``create_model`` builds DeepLabV3+ / DeepLabV3 on any timm backbone, and the
+released models of AttnFD and CIRKD exactly (``RELEASED``: one file each, with the key mapping of
+their published checkpoints)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -11,10 +14,29 @@ import torch
 
 from kdbench.errors import UserError
 from kdbench.models.cbam import CBAM
-from kdbench.models.deeplab import TAPS, SegmentationModel
+from kdbench.models.deeplab import SegmentationModel, check_model_args
 
 FEATURE_NAMES = ("low", "backbone", "encoder", "decoder", "logits")
-ARCHS = ("deeplabv3plus", "deeplabv3")
+#: architectures that reproduce a released code's model definition (and read its checkpoints)
+RELEASED = {
+    "deeplabv3plus_attnfd": "kdbench.models.attnfd_deeplab",  # AmirMansurian/AttnFD's DeepLabV3+ with its CBAMs
+    "deeplabv3_cirkd": "kdbench.models.cirkd_deeplab",  # winycg/CIRKD's DeepLabV3 on ResNet v1s
+}
+ARCHS = ("deeplabv3plus", "deeplabv3", *RELEASED)
+
+
+def released_model(arch: str) -> Any:
+    """The module of a released architecture: ``create``, ``from_released``."""
+    return importlib.import_module(RELEASED[arch])
+
+
+def from_released(arch: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint as the released code saved it, under ``arch``'s keys: unwrapped from a
+    ``state_dict`` entry (AttnFD's ``*.pth.tar``), ``module.`` (DataParallel) stripped, renamed."""
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return released_model(arch).from_released(state)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -84,13 +106,18 @@ def create_model(
     """
     if arch not in ARCHS:
         raise UserError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    if output_stride not in (8, 16):
-        raise UserError(f"output_stride: must be 8 or 16, got {output_stride}")
-    bad = [t for t in attention_taps if t not in TAPS]
-    if bad:
-        raise UserError(f"attention_taps: unknown taps {bad}; use a subset of {', '.join(TAPS)}")
-    if not isinstance(pretrained, (bool, str, os.PathLike)):
-        raise UserError(f"pretrained: expected true, false or a weights file path, got {pretrained!r}")
+    if arch in RELEASED:
+        return released_model(arch).create(
+            backbone,
+            num_classes,
+            output_stride=output_stride,
+            pretrained=pretrained,
+            aspp_channels=aspp_channels,
+            decoder_channels=decoder_channels,
+            low_channels=low_channels,
+            attention_taps=tuple(attention_taps),
+        )
+    check_model_args(output_stride, tuple(attention_taps), pretrained)
     if not timm.is_model(backbone):
         raise UserError(f"backbone: timm has no model {backbone!r} (see timm.list_models('resnet*'))")
     try:
@@ -136,4 +163,4 @@ def build_model(cfg: Any, num_classes: int, pretrained: bool | str | None = None
     )
 
 
-__all__ = ["ARCHS", "CBAM", "FEATURE_NAMES", "SegmentationModel", "build_model", "create_model"]
+__all__ = ["ARCHS", "CBAM", "FEATURE_NAMES", "RELEASED", "SegmentationModel", "build_model", "create_model", "from_released"]

@@ -8,13 +8,27 @@ distillation.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench.errors import UserError
 from kdbench.models.cbam import CBAM
 
 TAPS = ("backbone", "encoder", "decoder")
+
+
+def check_model_args(output_stride: int, attention_taps: tuple[str, ...], pretrained: object) -> None:
+    """The arguments every model family takes, checked the same way (one line each)."""
+    if output_stride not in (8, 16):
+        raise UserError(f"output_stride: must be 8 or 16, got {output_stride}")
+    bad = [t for t in attention_taps if t not in TAPS]
+    if bad:
+        raise UserError(f"attention_taps: unknown taps {bad}; use a subset of {', '.join(TAPS)}")
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise UserError(f"pretrained: expected true, false or a weights file path, got {pretrained!r}")
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
