@@ -63,3 +63,23 @@ def test_the_released_models_train_and_distil_end_to_end(workdir, arch, sets):
     recipe = load_recipe("tiny", [*models, *sets, "train.iterations=2", "teacher.iterations=2", "student.attention_taps=[]"])
     result = run(recipe, quiet=True)
     assert 0.0 <= result.metrics.miou <= 1.0 and result.checkpoint.is_file()
+
+
+def test_imagenet_backbone_files_of_both_releases(tmp_path):
+    import timm
+
+    from kdbench.models import create_model
+
+    # AttnFD's ResNets load torchvision's ImageNet files: torchvision's keys, the classifier included
+    torchvision_style = timm.create_model("resnet18", pretrained=False).state_dict()
+    assert "fc.weight" in torchvision_style and "layer4.1.bn2.running_var" in torchvision_style
+    path = tmp_path / "resnet18-5c106cde.pth"
+    torch.save(torchvision_style, path)
+    model = create_model("deeplabv3plus_attnfd", "resnet18", 21, pretrained=str(path), attention_taps=())
+    assert torch.equal(model.backbone.state_dict()["layer4.1.conv2.weight"], torchvision_style["layer4.1.conv2.weight"])
+    # CIRKD's v1s files (resnetv1b.py keys: a three-conv stem conv1..3 / bn1..3)
+    v1s = _released_weights("cirkd_resnet18_v1s_backbone.json")
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(v1s, path)
+    model = create_model("deeplabv3_cirkd", "resnet18", 19, output_stride=8, pretrained=str(path))
+    assert torch.equal(model.backbone.state_dict()["conv1.3.weight"], v1s["conv2.weight"])
