@@ -105,6 +105,9 @@ class ModelConfig:
     low_channels: int = 48
     #: CBAM inside the forward pass at these taps (AttnFD's "pretrained" teacher attention)
     attention_taps: tuple[str, ...] = ()
+    #: deeplabv3plus_attnfd only: false runs the released distillation path (train_kd.py calls
+    #: extract_feature, which skips the ASPP dropout that forward applies)
+    aspp_dropout: bool = field(default=True, metadata=ADDED)
 
 
 @dataclass(frozen=True)
@@ -465,6 +468,8 @@ def validate(recipe: Recipe) -> Recipe:
         if not timm.is_model(m.backbone):  # here, not when the model is built after the teacher's training
             hint = did_you_mean(m.backbone, timm.list_models(), n=3)
             raise UserError(f"{section}.backbone: timm has no model {m.backbone!r} ({hint}see timm.list_models('resnet*'))")
+        if not m.aspp_dropout and m.arch != "deeplabv3plus_attnfd":
+            raise UserError(f"{section}.aspp_dropout: false is the released AttnFD code's distillation path; only arch deeplabv3plus_attnfd has it")
         if isinstance(m.pretrained, str) and not Path(m.pretrained).expanduser().is_file():
             raise UserError(f"{section}.pretrained: no weights file {m.pretrained}; give its path with --set {section}.pretrained=PATH (false: random init)")
     ckpt = recipe.teacher.checkpoint

@@ -83,3 +83,13 @@ def test_imagenet_backbone_files_of_both_releases(tmp_path):
     torch.save(v1s, path)
     model = create_model("deeplabv3_cirkd", "resnet18", 19, output_stride=8, pretrained=str(path))
     assert torch.equal(model.backbone.state_dict()["conv1.3.weight"], v1s["conv2.weight"])
+
+
+def test_aspp_dropout_false_is_the_released_distillation_path():
+    from kdbench.models import build_model
+
+    recipe = load_recipe("voc_r101_r18", ["student.pretrained=false", "teacher.backbone=resnet18"])
+    assert build_model(recipe.student, 21).kd_path and build_model(recipe.teacher, 21, pretrained=False).kd_path
+    assert not build_model(load_recipe("voc_r101_r18", ["student.pretrained=false", "student.aspp_dropout=true"]).student, 21).kd_path
+    with pytest.raises(UserError, match=r"student\.aspp_dropout: .*only arch deeplabv3plus_attnfd"):
+        load_recipe("tiny", ["student.aspp_dropout=false"])

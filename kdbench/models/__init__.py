@@ -150,7 +150,7 @@ def create_model(
 
 def build_model(cfg: Any, num_classes: int, pretrained: bool | str | None = None) -> SegmentationModel:
     """The model a recipe's ``teacher`` or ``student`` section describes (``pretrained`` overrides it)."""
-    return create_model(
+    model = create_model(
         cfg.arch,
         cfg.backbone,
         num_classes,
@@ -161,6 +161,9 @@ def build_model(cfg: Any, num_classes: int, pretrained: bool | str | None = None
         low_channels=cfg.low_channels,
         attention_taps=tuple(cfg.attention_taps),
     )
+    if not getattr(cfg, "aspp_dropout", True):
+        model.kd_path = True  # deeplabv3plus_attnfd (checked at recipe load)
+    return model
 
 
 __all__ = ["ARCHS", "CBAM", "FEATURE_NAMES", "RELEASED", "SegmentationModel", "build_model", "create_model", "from_released"]
