@@ -570,10 +570,10 @@ def run_loop(
         if evaluation is None:
             return
         metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt)
-        best = best_miou(metrics.miou, state.history)
-        improved = not state.history or metrics.miou > max(h["miou"] for h in state.history)
+        previous = best_miou(-math.inf, state.history)
+        best = max(metrics.miou, previous)
         state.history.append({"step": state.step, "miou": metrics.miou})
-        if improved and cfg.select == "best":
+        if metrics.miou > previous and cfg.select == "best":
             keep_best(state, checkpoint_path, hooks.checkpoint_extra)
         if progress and hasattr(bar, "console"):
             bar.console.print(f"{label} step {state.step}/{total}: val mIoU {100 * metrics.miou:.2f} (best {100 * best:.2f})", markup=False, highlight=False)

@@ -89,8 +89,6 @@ class DataConfig:
     workers: int | Literal["auto"] = "auto"
 
 
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     #: deeplabv3plus / deeplabv3 on any timm backbone, or a released model exactly:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_backbone_weights(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+def _load_backbone_weights(
+    backbone: torch.nn.Module, path: str | os.PathLike[str], adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+) -> None:
     """timm's features_only loading is non-strict (a mismatch only warns): check every key here.
 
     Extra keys (the classifier ``fc.*``, ``conv_head``) are fine; BatchNorm's ``num_batches_tracked``
@@ -69,6 +72,11 @@ def _load_backbone_weights(backbone: torch.nn.Module, path: str | os.PathLike[st
     """
     p = Path(path).expanduser()
     state = _read_state_dict(p)
+    if adapt is not None:  # a file in a released code's own key layout (CIRKD's v1s), renamed to timm's
+        try:
+            state = adapt(state)
+        except UserError as err:
+            raise UserError(f"pretrained: {path}: {err}") from None
     ref = backbone.state_dict()
     missing = [k for k in ref if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
@@ -161,7 +169,7 @@ def build_model(cfg: Any, num_classes: int, pretrained: bool | str | None = None
         low_channels=cfg.low_channels,
         attention_taps=tuple(cfg.attention_taps),
     )
-    if not getattr(cfg, "aspp_dropout", True):
+    if not cfg.aspp_dropout:
         model.kd_path = True  # deeplabv3plus_attnfd (checked at recipe load)
     return model
 

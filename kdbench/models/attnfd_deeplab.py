@@ -38,8 +38,6 @@ Differences from kdbench's plain ``deeplabv3plus`` (kdbench.models.deeplab):
 
 from __future__ import annotations
 
-import re
-
 import timm
 import torch
 import torch.nn.functional as F
@@ -49,15 +47,9 @@ from torch import nn
 from kdbench.errors import UserError
 from kdbench.models.cbam import CBAM, ChannelGate, channel_descriptors
 from kdbench.models.deeplab import TAPS, ASPPPooling, _init_head, check_model_args, conv_bn_relu
+from kdbench.models.released import RESNETS, compare, resnet_layout
 
 ARCH = "deeplabv3plus_attnfd"
-RESNETS = {  # blocks per stage and block type -> the ResNet that has them
-    ((2, 2, 2, 2), False): "resnet18",
-    ((3, 4, 6, 3), False): "resnet34",
-    ((3, 4, 6, 3), True): "resnet50",
-    ((3, 4, 23, 3), True): "resnet101",
-    ((3, 8, 36, 3), True): "resnet152",
-}
 STAGE_DILATIONS = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
 MULTI_GRID = (1, 2, 4)  # layer4 of bottleneck ResNets (``_make_MG_unit``)
 
@@ -291,15 +283,11 @@ def _released_name(key: str) -> str:
 
 def _skeleton(state: dict[str, torch.Tensor]) -> nn.Module:
     """The variant the mapped state describes (ResNet depth, classes, widths), built on the meta device."""
-    blocks = []
-    for i in range(1, 5):
-        ids = {int(m.group(1)) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))}
-        blocks.append(max(ids) + 1 if ids else 0)
-    bottleneck = any(re.match(r"backbone\.layer\d\.\d+\.conv3\.", k) for k in state)
-    arch = RESNETS.get((tuple(blocks), bottleneck))
+    blocks, bottleneck = resnet_layout(state, "backbone.")
+    arch = RESNETS.get((blocks, bottleneck))
     if arch is None:
         raise UserError(
-            f"released AttnFD checkpoint: its backbone ({blocks} {'bottleneck' if bottleneck else 'basic'} blocks) is no ResNet"
+            f"released AttnFD checkpoint: its backbone ({list(blocks)} {'bottleneck' if bottleneck else 'basic'} blocks) is no ResNet"
         )
     widths = ("classifier.weight", "aspp.project.0.weight", "project.0.weight", "decoder.2.0.weight")
     if any(k not in state for k in widths):
@@ -326,17 +314,11 @@ def from_released(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise UserError(f"released AttnFD checkpoint: {len(unknown)} keys match no released DeepLab parameter: {unknown[:3]}")
     mapped = {_rename(key, RENAMES): value for key, value in state.items()}
     ref = _skeleton(mapped).state_dict()
-    for key in ref:
-        if key.endswith("num_batches_tracked") and key not in mapped:
-            mapped[key] = torch.zeros((), dtype=torch.long)
+    missing, unexpected, wrong = compare(mapped, ref)
     problems = {
-        "unexpected": [_released_name(k) for k in mapped if k not in ref],
-        "missing": [_released_name(k) for k in ref if k not in mapped],
-        "mis-shaped": [
-            f"{_released_name(k)} {list(mapped[k].shape)} (expected {list(ref[k].shape)})"
-            for k in ref
-            if k in mapped and mapped[k].shape != ref[k].shape
-        ],
+        "unexpected": [_released_name(k) for k in unexpected],
+        "missing": [_released_name(k) for k in missing],
+        "mis-shaped": [f"{_released_name(k)} {list(mapped[k].shape)} (expected {list(ref[k].shape)})" for k in wrong],
     }
     for what, keys in problems.items():
         if keys:

@@ -35,7 +35,6 @@ the usual DeepLabV3 rates 6, 12, 18, as an extension.
 
 from __future__ import annotations
 
-import os
 import re
 
 import timm
@@ -45,6 +44,7 @@ from torch import nn
 
 from kdbench.errors import UserError
 from kdbench.models.deeplab import ASPPPooling, SegmentationModel, check_model_args
+from kdbench.models.released import RESNETS, compare, resnet_layout
 
 ARCH = "deeplabv3_cirkd"
 BACKBONES = ("resnet18", "resnet50", "resnet101")  # segbase.py: the v1s nets CIRKD builds
@@ -80,14 +80,6 @@ _HEAD = (
 _DROP_RELEASED = re.compile(r"auxlayer\..+")
 _DROP_BACKBONE = re.compile(r"fc\..+")
 
-# (block type, blocks per stage) -> timm name, to rebuild the reference a state_dict must fill
-_DEPTHS = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("bottleneck", (3, 8, 36, 3)): "resnet152",
-}
 
 
 class _Pooling(ASPPPooling):
@@ -161,7 +153,9 @@ def create(
         )
     net = _timm_backbone(backbone, output_stride)
     if pretrained:
-        _load_backbone_file(net, pretrained)
+        from kdbench.models import _load_backbone_weights  # here, not at the top: kdbench.models imports this module
+
+        _load_backbone_weights(net, pretrained, _timm_layout)
     reductions = net.feature_info.reduction()  # [2, 4, 8, 8, 8]: the stem, then layer1..4
     low_index = len(reductions) - 1 - reductions[::-1].index(4)
     return CIRKDDeepLabV3(
@@ -176,23 +170,9 @@ def create(
     )
 
 
-def _load_backbone_file(net: nn.Module, path: str | os.PathLike[str]) -> None:
-    from pathlib import Path
-
-    from kdbench.models import _read_state_dict  # here, not at the top: kdbench.models imports this module
-
-    state = _read_state_dict(Path(path).expanduser())
-    if "conv1.0.weight" not in state:  # not timm's layout: CIRKD's v1s file
-        try:
-            state = from_released_backbone(state)
-        except UserError as err:
-            raise UserError(f"pretrained: {path}: {err}") from None
-    ref = net.state_dict()
-    wrong = sorted(k for k in ref if k in state and state[k].shape != ref[k].shape)
-    missing = sorted(k for k in ref if k not in state and not k.endswith("num_batches_tracked"))
-    if missing or wrong:
-        raise UserError(f"pretrained: {path} does not fit {len(ref)} backbone keys: missing {missing[:3]}, mis-shaped {wrong[:3]}")
-    net.load_state_dict({k: state[k] for k in ref if k in state}, strict=False)
+def _timm_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A backbone file in timm's keys as it is; one in CIRKD's v1s layout renamed."""
+    return state if "conv1.0.weight" in state else from_released_backbone(state)
 
 
 def _rename(state: dict[str, torch.Tensor], rules, drop: re.Pattern, what: str) -> dict[str, torch.Tensor]:
@@ -212,23 +192,18 @@ def _rename(state: dict[str, torch.Tensor], rules, drop: re.Pattern, what: str) 
 
 def _depth(state: dict[str, torch.Tensor], prefix: str, what: str) -> str:
     """The timm ResNet name whose block layout the state's ``layerN.i.*`` keys describe."""
-    blocks = [{int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}layer{i}\.(\d+)\.", k))} for i in range(1, 5)]
-    kind = "bottleneck" if f"{prefix}layer1.0.conv3.weight" in state else "basic"
-    name = _DEPTHS.get((kind, tuple(len(b) for b in blocks)))
+    blocks, bottleneck = resnet_layout(state, prefix)
+    kind = "bottleneck" if bottleneck else "basic"
+    name = RESNETS.get((blocks, bottleneck))
     if name is None:
-        raise UserError(f"{what}: blocks per stage {[len(b) for b in blocks]} ({kind}) are no ResNet CIRKD uses")
+        raise UserError(f"{what}: blocks per stage {list(blocks)} ({kind}) are no ResNet CIRKD uses")
     return name
 
 
 def _check(mapped: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """Every reference key present with its shape, nothing extra. A BN ``num_batches_tracked`` that
-    the file lacks is set to 0: it only counts updates (used when BN momentum is None, never here)."""
-    for key in ref:
-        if key not in mapped and key.endswith("num_batches_tracked"):
-            mapped[key] = torch.zeros((), dtype=torch.long)
-    missing = [k for k in ref if k not in mapped]
-    extra = [k for k in mapped if k not in ref]
-    wrong = [f"{k} {list(mapped[k].shape)} != {list(ref[k].shape)}" for k in ref if k in mapped and mapped[k].shape != ref[k].shape]
+    """Every reference key present with its shape, nothing extra (``released.compare``)."""
+    missing, extra, wrong_keys = compare(mapped, ref)
+    wrong = [f"{k} {list(mapped[k].shape)} != {list(ref[k].shape)}" for k in wrong_keys]
     if missing or extra or wrong:
         parts = [f"{name} {keys[:3]}" for name, keys in (("missing", missing), ("extra", extra), ("mis-shaped", wrong)) if keys]
         raise UserError(f"{what}: does not fit ({len(missing)} missing, {len(extra)} extra, {len(wrong)} mis-shaped): {'; '.join(parts)}")
