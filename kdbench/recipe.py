@@ -57,6 +57,11 @@ class SyntheticConfig:
     num_val: int = 200
     image_size: int = 64
     seed: int = 0
+    #: probability that a training object of a confused class (hexagon, star) is labelled as its
+    #: look-alike (disc, triangle); the validation labels stay clean
+    label_noise: float = field(default=0.0, metadata=ADDED)
+    #: the same for the labels a teacher trained by kdbench learns from (0: the clean labels)
+    teacher_label_noise: float = field(default=0.0, metadata=ADDED)
 
 
 @dataclass(frozen=True)
@@ -447,8 +452,14 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.scale_range: with scale_mode short_side it holds pixel lengths (whole numbers >= 1), got {list(d.scale_range)}")
     if d.scale_step < 0 or (d.scale_step > 0 and d.scale_mode != "relative"):
         raise UserError(f"data.scale_step: a factor step >= 0 for scale_mode relative, got {d.scale_step} with scale_mode {d.scale_mode}")
-    if not 0.0 <= d.blur <= 1.0:
-        raise UserError(f"data.blur: a probability in [0, 1], got {d.blur}")
+    probabilities = {
+        "data.blur": d.blur,
+        "data.synthetic.label_noise": d.synthetic.label_noise,
+        "data.synthetic.teacher_label_noise": d.synthetic.teacher_label_noise,
+    }
+    for key, value in probabilities.items():
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{key}: a probability in [0, 1], got {value}")
     if not 0 <= d.pad_label <= 255:
         raise UserError(f"data.pad_label: a label id in [0, 255] (255: ignored), got {d.pad_label}")
     if recipe.eval.resize_short is not None and recipe.eval.resize_short < 1:
@@ -502,12 +513,26 @@ def per_method_config(recipe: Recipe, name: str, preset: str | None = None) -> A
     return resolve_config(name, preset or own, settings, where=f"methods.{name}")[1]
 
 
+def teacher_recipe(recipe: Recipe) -> Recipe:
+    """The recipe a teacher trained by kdbench learns from: the student's, with the synthetic set's
+    teacher labels (``data.synthetic.teacher_label_noise``) in place of the student's."""
+    s = recipe.data.synthetic
+    if recipe.data.dataset != "synthetic" or s.label_noise == s.teacher_label_noise:
+        return recipe
+    data = dataclasses.replace(recipe.data, synthetic=dataclasses.replace(s, label_noise=s.teacher_label_noise))
+    return dataclasses.replace(recipe, data=data)
+
+
 def teacher_key(recipe: Recipe) -> str:
     """Cache key of a teacher trained by kdbench: what it is, what it learns from and how."""
-    r = recipe.hashed_dict()
+    from kdbench.data.synthetic import GENERATOR_VERSION
+
+    r = teacher_recipe(recipe).hashed_dict()
     train = {k: v for k, v in r["train"].items() if k not in ("iterations", "eval_interval", "checkpoint_interval", "log_interval", "select")}
     teacher = {k: v for k, v in r["teacher"].items() if k != "checkpoint"}
     data = {k: v for k, v in r["data"].items() if k not in ("workers", "holdout_fraction")}
+    if recipe.data.dataset == "synthetic":  # a teacher of other images is another teacher
+        data["generator_version"] = GENERATOR_VERSION
     blob = json.dumps({"teacher": teacher, "data": data, "train": train}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -27,7 +27,7 @@ from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import RELEASED, build_model, from_released
 from kdbench.progress import make_console, per_class_table
-from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key
+from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key, teacher_recipe
 from kdbench.runtime import Runtime, make_runtime
 from kdbench.schema import Artifact, Metric, Role, Tag
 from kdbench.outputs import tracking_uri
@@ -159,8 +159,11 @@ def _cache_lock(path: Path, rt: Runtime) -> Iterator[None]:
 
 
 def train_teacher(recipe: Recipe, splits: Splits | None = None, quiet: bool = False, rt: Runtime | None = None) -> RunResult:
-    """Train the recipe's teacher with the task loss alone and cache it (resumes if killed)."""
+    """Train the recipe's teacher with the task loss alone and cache it (resumes if killed). It
+    learns from ``teacher_recipe(recipe)``: the student's data, or the synthetic set's teacher labels."""
     rt = rt or make_runtime(recipe.runtime)
+    if teacher_recipe(recipe) is not recipe:
+        recipe, splits = teacher_recipe(recipe), None  # the same images with the teacher's labels
     splits = splits or _splits(recipe, rt, quiet)
     t = recipe.teacher
     torch.manual_seed(t.seed)

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from kdbench.data import Splits, build_splits
 from kdbench.data.cityscapes import Cityscapes
-from kdbench.data.synthetic import CLASS_NAMES, ensure_synthetic, generate
+from kdbench.data.synthetic import CLASS_NAMES, CONFUSED_AS, ensure_synthetic, generate
 from kdbench.data.transforms import CIRKD_BGR_MEAN, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from kdbench.data.voc import VOC_CLASSES, VOCSegmentation
 from kdbench.errors import UserError
@@ -182,6 +182,29 @@ def test_synthetic_reads_as_voc_with_every_class(tmp_path: Path) -> None:
         seen |= set(np.unique(mask).tolist())
     assert seen <= set(range(len(CLASS_NAMES))) | {255}
     assert seen >= set(range(len(CLASS_NAMES)))
+
+
+def test_label_noise_relabels_training_objects_of_confused_classes_only(tmp_path: Path) -> None:
+    clean = generate(tmp_path / "clean", 60, 4, 64, seed=0, progress=False)
+    noisy = generate(tmp_path / "noisy", 60, 4, 64, seed=0, label_noise=0.7, progress=False)
+    names = [f"{split}_{i:06d}.png" for split in ("train", "val") for i in range(4)]
+    for name in names:  # the same images whatever the noise
+        assert (clean / "JPEGImages" / name).read_bytes() == (noisy / "JPEGImages" / name).read_bytes()
+    for name in names[4:]:  # validation labels stay clean
+        assert (clean / "SegmentationClass" / name).read_bytes() == (noisy / "SegmentationClass" / name).read_bytes()
+    relabelled: dict[tuple[int, int], int] = {}
+    confusable = 0
+    for i in range(60):
+        a = np.asarray(Image.open(clean / "SegmentationClass" / f"train_{i:06d}.png"))
+        b = np.asarray(Image.open(noisy / "SegmentationClass" / f"train_{i:06d}.png"))
+        assert ((a == 0) == (b == 0)).all()  # the same objects, only some classes differ
+        confusable += sum(int(c) in CONFUSED_AS for c in np.unique(a))
+        for pair in set(zip(a[a != b].tolist(), b[a != b].tolist())):
+            relabelled[pair] = relabelled.get(pair, 0) + 1
+    assert relabelled and all(CONFUSED_AS[x] == y for x, y in relabelled)  # only as their look-alike
+    assert 0.5 < sum(relabelled.values()) / confusable < 0.9  # about 70% of the hexagons and stars
+    with pytest.raises(UserError, match=r"label_noise: expected a probability in \[0, 1\]"):
+        generate(tmp_path / "bad", 2, 2, 32, seed=0, label_noise=1.5, progress=False)
 
 
 def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdbench.errors import UserError
-from kdbench.recipe import load_recipe, teacher_key
+from kdbench.recipe import load_recipe, teacher_key, teacher_recipe
 
 
 def test_default_and_tiny_recipes_load():
@@ -61,6 +61,23 @@ def test_hash_depends_on_values_and_teacher_key_ignores_student():
     c = load_recipe("tiny", ["student.backbone=resnet18", "seed=5"])
     assert teacher_key(a) == teacher_key(c)
     assert teacher_key(a) != teacher_key(load_recipe("tiny", ["teacher.iterations=9"]))
+
+
+def test_teacher_learns_from_the_teacher_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    clean = load_recipe("tiny")
+    noisy = load_recipe("tiny", ["data.synthetic.label_noise=0.7"])
+    assert noisy.hash() != clean.hash()
+    # the student's noisy labels are not the teacher's: it learns from the clean ones (one teacher for both)
+    assert teacher_recipe(noisy).data.synthetic.label_noise == 0.0 and teacher_recipe(clean) is clean
+    assert teacher_key(noisy) == teacher_key(clean)
+    both = load_recipe("tiny", ["data.synthetic.label_noise=0.7", "data.synthetic.teacher_label_noise=0.7"])
+    assert teacher_recipe(both) is both and teacher_key(both) != teacher_key(clean)
+    with pytest.raises(UserError, match=r"^data.synthetic.teacher_label_noise: a probability in \[0, 1\], got 2.0"):
+        load_recipe("tiny", ["data.synthetic.teacher_label_noise=2"])
+    # a teacher of other images is another teacher: the generator's version is part of the key
+    before = teacher_key(clean)
+    monkeypatch.setattr("kdbench.data.synthetic.GENERATOR_VERSION", -1)
+    assert teacher_key(clean) != before
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def _runs():
 
 
 def test_run_logs_everything_a_table_needs(workdir):
-    recipe = load_recipe("tiny", method="kd", seed=1)
+    recipe = load_recipe("tiny", ["data.synthetic.label_noise=0.7"], method="kd", seed=1)
     result = run(recipe, quiet=True)
     assert 0.0 <= result.metrics.miou <= 1.0
     runs = _runs()
@@ -44,7 +44,9 @@ def test_run_logs_everything_a_table_needs(workdir):
     assert any(" step 2: " in line and "loss/kd=" in line for line in log) and any("val/miou=" in line for line in log)
     # the student's run names its teacher's run (where the teacher's weights are logged, once)
     assert student["tags.teacher.run_id"] == teacher.iloc[0]["run_id"]
-    # the second run reuses the cached teacher instead of training another
+    # the student learnt from noisy labels, the teacher from the clean ones
+    assert student["params.data.synthetic.label_noise"] == "0.7" and teacher.iloc[0]["params.data.synthetic.label_noise"] == "0.0"
+    # the second run (clean labels: the same teacher) reuses the cached teacher instead of training another
     run(load_recipe("tiny", method="none"), quiet=True)
     assert (_runs()["tags.kdbench.role"] == "teacher").sum() == 1
 

@@ -60,10 +60,11 @@ def _resolve_root(dataset: str, root: str | None) -> str:
 
 
 def _synthetic_root(synthetic: dict[str, Any] | None, cache_dir: str | Path | None, progress: bool) -> Path:
-    expected = {"num_train", "num_val", "image_size", "seed"}
+    expected, optional = {"num_train", "num_val", "image_size", "seed"}, {"label_noise", "teacher_label_noise"}
     params = dict(synthetic or {})
-    if set(params) != expected:
-        raise UserError(f"data.synthetic: expected the keys {sorted(expected)}, got {sorted(params)}")
+    if not expected <= set(params) <= expected | optional:
+        raise UserError(f"data.synthetic: expected the keys {sorted(expected)} (optionally {sorted(optional)}), got {sorted(params)}")
+    params.pop("teacher_label_noise", None)  # what a teacher learns from: kdbench.recipe.teacher_recipe
     return ensure_synthetic(resolve_cache_dir(cache_dir), **params, progress=progress)
 
 
