@@ -5,7 +5,7 @@ It is built so that distillation has room to show on a CPU, as a positive contro
 
 - eight object classes in four look-alike pairs. Each class has its own colour family and shape;
   the two classes of a pair have neighbouring hues and similar shapes (disc/hexagon, square/bar,
-  triangle/star, cross/ring). Colour is learnt in a few hundred steps, so both models converge
+  triangle/star, cross/diamond). Colour is learnt in a few hundred steps, so both models converge
   within the CPU budget, and what a student misses is what its labels do not tell it;
 - noisy training labels, of the kind annotators make between look-alikes: with probability
   ``label_noise`` a training object of the second class of a confused pair (hexagon, star) is
@@ -43,15 +43,15 @@ from kdbench.progress import make_progress
 GENERATOR_VERSION = 6
 
 CLASS_NAMES: tuple[str, ...] = (
-    "background", "disc", "hexagon", "square", "bar", "triangle", "star", "cross", "ring",
+    "background", "disc", "hexagon", "square", "bar", "triangle", "star", "cross", "diamond",
 )  # fmt: skip
-BACKGROUND, DISC, HEXAGON, SQUARE, BAR, TRIANGLE, STAR, CROSS, RING = range(len(CLASS_NAMES))
-OBJECT_CLASSES = (DISC, HEXAGON, SQUARE, BAR, TRIANGLE, STAR, CROSS, RING)
+BACKGROUND, DISC, HEXAGON, SQUARE, BAR, TRIANGLE, STAR, CROSS, DIAMOND = range(len(CLASS_NAMES))
+OBJECT_CLASSES = (DISC, HEXAGON, SQUARE, BAR, TRIANGLE, STAR, CROSS, DIAMOND)
 #: the confused pairs: an object of the key class is labelled as the value class with probability
 #: ``label_noise`` in the training split
 CONFUSED_AS = {HEXAGON: DISC, STAR: TRIANGLE}
 #: hue (0-1) at the centre of each class's colour family; a pair's hues are 0.08 apart
-HUE = {DISC: 0.0, HEXAGON: 0.08, SQUARE: 0.25, BAR: 0.33, TRIANGLE: 0.5, STAR: 0.58, CROSS: 0.75, RING: 0.83}
+HUE = {DISC: 0.0, HEXAGON: 0.08, SQUARE: 0.25, BAR: 0.33, TRIANGLE: 0.5, STAR: 0.58, CROSS: 0.75, DIAMOND: 0.83}
 HUE_SPREAD = 0.015
 RADIUS = (6.0, 20.0)  # pixels at 64x64; they scale with the image
 OBJECTS = (2, 5)
@@ -125,12 +125,12 @@ def _shape(rng: np.random.Generator, cls: int, size: int, cx: float, cy: float, 
     elif cls == STAR:
         draw.polygon(_polygon(cx, cy, [r, 0.5 * r] * 5, angle), fill=1)
     elif cls == CROSS:
-        width = max(2, round(0.4 * r))
+        width = max(3, round(0.6 * r))
         for a in (angle, angle + math.pi / 2):
             dx, dy = r * math.cos(a), r * math.sin(a)
             draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=1, width=width)
-    elif cls == RING:
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=1, width=max(2, round(0.35 * r)))
+    elif cls == DIAMOND:
+        draw.polygon(_polygon(cx, cy, [r, 0.6 * r] * 2, angle), fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
