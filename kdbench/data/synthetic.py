@@ -4,9 +4,10 @@ It is built so that distillation has room to show on a CPU, as a positive contro
 (docs/benchmark.md has the measurements behind every choice):
 
 - eight object classes in four look-alike pairs. Each class has its own colour family and shape;
-  the two classes of a pair have neighbouring hues and similar shapes (disc/hexagon, square/bar,
-  triangle/star, cross/diamond). Colour is learnt in a few hundred steps, so both models converge
-  within the CPU budget, and what a student misses is what its labels do not tell it;
+  the two classes of a pair have neighbouring hues (1/8 of the colour wheel apart) and similar
+  shapes (disc/hexagon, square/bar, triangle/star, cross/diamond). Colour is learnt in a few
+  hundred steps, so both models converge within the CPU budget, and what a student misses is what
+  its labels do not tell it;
 - noisy training labels, of the kind annotators make between look-alikes: with probability
   ``label_noise`` a training object of the second class of a confused pair (hexagon, star) is
   labelled as the first (disc, triangle). Above one half the labels name the wrong class for most
@@ -50,8 +51,8 @@ OBJECT_CLASSES = (DISC, HEXAGON, SQUARE, BAR, TRIANGLE, STAR, CROSS, DIAMOND)
 #: the confused pairs: an object of the key class is labelled as the value class with probability
 #: ``label_noise`` in the training split
 CONFUSED_AS = {HEXAGON: DISC, STAR: TRIANGLE}
-#: hue (0-1) at the centre of each class's colour family; a pair's hues are 0.08 apart
-HUE = {DISC: 0.0, HEXAGON: 0.08, SQUARE: 0.25, BAR: 0.33, TRIANGLE: 0.5, STAR: 0.58, CROSS: 0.75, DIAMOND: 0.83}
+#: hue (0-1) at the centre of each class's colour family: neighbours on the colour wheel, 1/8 apart
+HUE = {DISC: 0.0, HEXAGON: 0.125, SQUARE: 0.25, BAR: 0.375, TRIANGLE: 0.5, STAR: 0.625, CROSS: 0.75, DIAMOND: 0.875}
 HUE_SPREAD = 0.015
 RADIUS = (6.0, 20.0)  # pixels at 64x64; they scale with the image
 OBJECTS = (2, 5)
