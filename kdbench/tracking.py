@@ -13,6 +13,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 import kdbench
+from kdbench.checkpoint import exclusive
 from kdbench.outputs import OUTPUT_ROOT, artifact_location, sqlite_file, use_tracking
 from kdbench.schema import Tag, encode_param
 
@@ -54,13 +55,31 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, root: str | Path = OUTPUT_ROOT) -> None:
         self.uri = use_tracking(uri, root)
         db = sqlite_file(self.uri)
-        if db is not None:  # MLflow creates the file, not its folder
-            db.parent.mkdir(parents=True, exist_ok=True)
         check_reachable()
         self.experiment = experiment
-        self.client = mlflow.MlflowClient()
+        if db is None:
+            self.client = mlflow.MlflowClient()
+        else:
+            # MLflow creates the file (not its folder) and its tables on first use; two processes
+            # doing that at once (a sweep's workers) break each other's migration
+            with exclusive(db.parent / f"{db.name}.lock", what="output_dir"):
+                self.client = mlflow.MlflowClient()
+                self.client.search_experiments(max_results=1)  # the first use
         self.run_id: str | None = None
         self.text_log: Path | None = None
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, created if absent; another process may create it at the same moment."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
+        except mlflow.exceptions.MlflowException:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def keep_log(self, path: Path) -> None:
         """Also write everything logged as plain text lines to ``path`` (appended to on a resume),
@@ -82,8 +101,7 @@ class Tracker:
         parent_run_id: str | None = None,
     ) -> str:
         """A new run, or the run ``run_id`` reopened (resume). Returns the run id."""
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
+        exp_id = self._experiment_id()
         if run_id is None:
             tags = {**tags, Tag.VERSION: kdbench.__version__, Tag.COMMIT: git_commit()}
             if parent_run_id:

@@ -119,6 +119,46 @@ def test_two_processes_never_claim_one_cell_twice_on_sqlite(tmp_path):
     assert not claimed[0] & claimed[1] and len(claimed[0] | claimed[1]) == 100
 
 
+_STARTER = """
+import sys, time
+from pathlib import Path
+from kdbench.tracking import Tracker
+url, folder, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+def wait(name):
+    while not (folder / name).exists():
+        time.sleep(0.01)
+wait("go")
+t = Tracker(url, "together")  # makes the store's tables
+(folder / me).touch()
+wait("start")
+t.start("run", {}, {"a": 1})  # makes the experiment
+t.end()
+"""
+
+
+def test_workers_that_start_together_create_one_store_between_them(tmp_path):
+    # Four processes at each of the two moments a store or experiment is made: MLflow making a new
+    # SQLite store's tables in two processes at once broke the migration (`No such index:
+    # 'index_jobs_function_status_creation_time'`, seen with two runs started together), and two
+    # creating one experiment at once failed the second
+    import subprocess
+    import time
+
+    url, n = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", 4
+    workers = [subprocess.Popen([sys.executable, "-c", _STARTER, url, str(tmp_path), str(i)], stderr=subprocess.PIPE, text=True) for i in range(n)]
+    time.sleep(8)  # every worker has imported MLflow and waits for the same moment
+    (tmp_path / "go").touch()
+    deadline = time.time() + 60
+    while not all((tmp_path / str(i)).exists() for i in range(n)) and time.time() < deadline and all(w.poll() is None for w in workers):
+        time.sleep(0.01)
+    (tmp_path / "start").touch()
+    errors = [w.communicate(timeout=120)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0] * n, errors
+    client = mlflow.MlflowClient(tracking_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert len(runs) == n and {r.info.status for r in runs} == {"FINISHED"}
+
+
 def test_seeds_and_grid_errors_are_one_line():
     assert parse_seeds("0-2,7") == (0, 1, 2, 7)
     for bad in ("a", "0,0", "1-"):
