@@ -124,6 +124,15 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    #: seed of the student's initial weights; empty: the run's seed. Papers start every seed of a
+    #: comparison from the same ImageNet backbone; a fixed init_seed gives a student trained from
+    #: scratch that protocol. The run's seed still sets the data order, augmentation, dropout and
+    #: the method's own modules
+    init_seed: int | None = field(default=None, metadata=ADDED)
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     name: str = "kd"
     #: named combination of options (see `kdbench methods`); empty: the method's default
@@ -211,7 +220,7 @@ class Recipe:
     benchmark: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     #: this benchmark's settings for particular methods ({method: {hyper-parameter: value}}), used
     #: whenever that method runs: over its preset, under the method section's own keys and --set

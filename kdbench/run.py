@@ -56,6 +56,17 @@ def _model_meta(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
     return {**meta, "num_classes": num_classes}
 
 
+def initial_student(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+    """The student as training starts, from ``student.init_seed`` (else the run's seed); it leaves
+    the global RNG, which dropout and the method's own modules draw from, seeded by the run's seed."""
+    init_seed = recipe.student.init_seed
+    torch.manual_seed(recipe.seed if init_seed is None else init_seed)
+    student = build_model(recipe.student, num_classes)
+    if init_seed is not None:
+        torch.manual_seed(recipe.seed)
+    return student
+
+
 # ---------------------------------------------------------------------------------------------
 # teachers
 
@@ -228,8 +239,7 @@ def run(
     splits = _splits(recipe, rt, quiet)
     needs_teacher = get_method_class(m.name).needs_teacher
     teacher, teacher_meta = ensure_teacher(recipe, splits, quiet, rt) if needs_teacher else (None, {})
-    torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student, splits.num_classes)
+    student = initial_student(recipe, splits.num_classes)
     _, cfg = resolve_config(m.name, m.preset, m.params)
     method = method_for(m.name, cfg, student, teacher, splits.num_classes)
     tags = {Tag.ROLE: Role.STUDENT, Tag.TEACHER_MIOU: f"{teacher_meta.get('miou', float('nan')):.6f}", **(extra_tags or {})}

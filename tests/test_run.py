@@ -209,3 +209,27 @@ def test_select_best_reports_the_best_evaluation_and_its_weights(workdir):
     assert run_data.metrics["selected_step"] == top_step and "selected_step" not in client.get_run(last.run_id).data.metrics
     chosen = run_data.tags["kdbench.checkpoint"]
     assert chosen.endswith("best.pt") and torch.load(chosen, weights_only=True)["step"] == top_step
+
+
+def _weights(recipe_overrides):
+    from kdbench.run import initial_student
+
+    student = initial_student(load_recipe("tiny", overrides=recipe_overrides), num_classes=4)
+    after = torch.rand(3)  # what dropout and the method's modules draw next
+    return torch.cat([p.detach().flatten() for p in student.state_dict().values() if p.is_floating_point()]), after
+
+
+def test_init_seed_fixes_the_students_first_weights_and_the_seed_the_rest():
+    a, after_a = _weights(["seed=1", "student.init_seed=7"])
+    b, after_b = _weights(["seed=2", "student.init_seed=7"])
+    assert torch.equal(a, b)  # one start for every seed, as from one pretrained backbone
+    assert not torch.equal(after_a, after_b)
+    assert torch.equal(after_a, torch.manual_seed(1) and torch.rand(3))  # the run's own stream
+    c, _ = _weights(["seed=1", "student.init_seed=8"])
+    assert not torch.equal(a, c)
+    # without it, the seed decides the weights too, as before init_seed existed
+    d, after_d = _weights(["seed=1"])
+    e, _ = _weights(["seed=2"])
+    assert not torch.equal(d, e)
+    assert torch.equal(d, _weights(["seed=7", "student.init_seed=1"])[0])
+    assert not torch.equal(after_d, after_a)  # a fixed init is followed by a fresh draw from the seed
