@@ -63,6 +63,11 @@ class SyntheticConfig:
     #: the same for the labels a teacher trained by kdbench learns from (0: the clean labels)
     teacher_label_noise: float = field(default=0.0, metadata=ADDED)
 
+    def generator_args(self) -> dict[str, Any]:
+        """The generator's arguments (``kdbench.data.synthetic.ensure_synthetic``): every key but the
+        teacher's label noise, which ``teacher_recipe`` puts in ``label_noise`` for a teacher."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "teacher_label_noise"}
+
 
 @dataclass(frozen=True)
 class DataConfig:

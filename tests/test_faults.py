@@ -7,7 +7,6 @@ Each command is its own process (tests/cli_fork.py), killed by `KDBENCH_FAULT` a
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -136,8 +135,7 @@ def test_a_dataset_being_generated_is_waited_for(workdir):
     from kdbench.data.synthetic import synthetic_folder
 
     recipe = load_recipe("tiny", method="none")
-    generator_args = {k: v for k, v in dataclasses.asdict(recipe.data.synthetic).items() if k != "teacher_label_noise"}
-    folder = synthetic_folder(workdir / "cache", **generator_args)
+    folder = synthetic_folder(workdir / "cache", **recipe.data.synthetic.generator_args())
     folder.parent.mkdir(parents=True)
     cli = ForkedCLI(workdir / "cli")
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:

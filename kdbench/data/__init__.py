@@ -7,7 +7,6 @@ val: hyper-parameter tuning optimises it, never the val split that tables report
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +59,10 @@ def _resolve_root(dataset: str, root: str | None) -> str:
 
 
 def _synthetic_root(synthetic: dict[str, Any] | None, cache_dir: str | Path | None, progress: bool) -> Path:
-    expected, optional = {"num_train", "num_val", "image_size", "seed"}, {"label_noise", "teacher_label_noise"}
+    expected, optional = {"num_train", "num_val", "image_size", "seed"}, {"label_noise"}
     params = dict(synthetic or {})
     if not expected <= set(params) <= expected | optional:
         raise UserError(f"data.synthetic: expected the keys {sorted(expected)} (optionally {sorted(optional)}), got {sorted(params)}")
-    params.pop("teacher_label_noise", None)  # what a teacher learns from: kdbench.recipe.teacher_recipe
     return ensure_synthetic(resolve_cache_dir(cache_dir), **params, progress=progress)
 
 
@@ -150,7 +148,7 @@ def load_splits(recipe: Recipe, progress: bool = True) -> Splits:
         use_sbd=d.use_sbd,
         holdout_fraction=d.holdout_fraction,
         seed=recipe.seed,
-        synthetic=dataclasses.asdict(d.synthetic),
+        synthetic=d.synthetic.generator_args(),
         cache_dir=resolve_cache_dir(recipe.cache_dir),
         progress=progress,
     )
