@@ -4,6 +4,7 @@ scatters files:
 
     kdbench-out/
       mlflow.db          MLflow's store (unless tracking.uri, --tracking-uri or $MLFLOW_TRACKING_URI names another)
+      .mlflow.db.lock    held while a process makes that store's tables (a sweep's workers start together)
       mlartifacts/       the artifacts of runs in that store (recipe, metrics, weights, figures, logs)
       optuna.db          the work lists of `kdbench tune` and `kdbench sweep` (unless --storage names another)
       <method>-<hash>/   one folder per run: its resumable checkpoint last.pt

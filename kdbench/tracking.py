@@ -62,7 +62,7 @@ class Tracker:
         else:
             # MLflow creates the file (not its folder) and its tables on first use; two processes
             # doing that at once (a sweep's workers) break each other's migration
-            with exclusive(db.parent / f"{db.name}.lock", what="output_dir"):
+            with exclusive(db.parent / f".{db.name}.lock", what="output_dir"):
                 self.client = mlflow.MlflowClient()
                 self.client.search_experiments(max_results=1)  # the first use
         self.run_id: str | None = None

@@ -45,7 +45,7 @@ def test_a_run_writes_nothing_outside_its_output_root(tmp_path):
     assert "kd (cirkd) seed 3: mIoU" in r.stdout
     assert [p.name for p in here.iterdir()] == ["kdbench-out"]
     root = here / "kdbench-out"
-    assert {p.name for p in root.iterdir()} == {"mlflow.db", "mlartifacts", f"kd-{load_recipe('tiny', ['method.temperature=2'], method='kd', seed=3).hash()}"}
+    assert {p.name for p in root.iterdir()} == {"mlflow.db", ".mlflow.db.lock", "mlartifacts", f"kd-{load_recipe('tiny', ['method.temperature=2'], method='kd', seed=3).hash()}"}
     assert list((root / "mlartifacts").rglob("recipe.yaml")) and list(cache.rglob("teacher.pt"))
 
 
