@@ -478,10 +478,7 @@ def plot(
 
     if kind not in KINDS:
         raise UserError(f"plot: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    from kdbench.outputs import use_tracking
-
-    use_tracking(tracking_uri)
-    for path in plot_fn(kind, experiment=experiment, run_ids=list(run_ or []), out_dir=out_dir, images=images, layer=layer, log=log):
+    for path in plot_fn(kind, experiment=experiment, run_ids=list(run_ or []), out_dir=out_dir, images=images, layer=layer, log=log, tracking_uri=tracking_uri):
         out.print(str(path))
 
 

@@ -117,19 +117,20 @@ def figure_name(kind: str, runs: pd.DataFrame, *parts: str) -> str:
 # which runs
 
 
-def find_runs(experiment: str | None = None, run_ids: Sequence[str] = ()) -> pd.DataFrame:
+def find_runs(experiment: str | None = None, run_ids: Sequence[str] = (), uri: str | None = None) -> pd.DataFrame:
     """The runs to plot, as a ``search_runs`` frame.
 
     ``run_ids``: exactly those runs, in that order. Otherwise the finished student runs evaluated on
     val of ``experiment`` (default: every ``kdbench-*`` experiment), newest first, one per recipe hash
-    (a rerun of the same recipe replaces the older run). A user mistake is a ``UserError``.
+    (a rerun of the same recipe replaces the older run), from the store ``uri`` (see ``tracking_uri``).
+    A user mistake is a ``UserError``.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from kdbench.tracking import check_reachable
+    from kdbench.tracking import read_store
 
-    check_reachable()
+    uri = read_store(uri, "plot")
     if run_ids:
         client = mlflow.MlflowClient()
         experiments: dict[str, None] = {}
@@ -151,7 +152,7 @@ def find_runs(experiment: str | None = None, run_ids: Sequence[str] = ()) -> pd.
         known = ", ".join(e.name for e in mlflow.search_experiments() if e.name.startswith("kdbench-")) or "none"
         raise UserError(f"--experiment: no experiment {experiment!r} in {mlflow.get_tracking_uri()} (kdbench experiments: {known})")
     where = f"attributes.status = 'FINISHED' and tags.`{Tag.ROLE}` = '{Role.STUDENT}'"
-    frame = search_runs([experiment] if experiment else None, where)
+    frame = search_runs([experiment] if experiment else None, where, uri=uri)
     if len(frame):
         frame = frame[column(frame, tag_col(Tag.EVAL_SPLIT)).fillna("val") == "val"]  # not tuning trials
         frame = frame.drop_duplicates(subset=[tag_col(Tag.RECIPE_HASH)]) if tag_col(Tag.RECIPE_HASH) in frame else frame
@@ -718,6 +719,7 @@ def plot(
     images: str | None = None,
     layer: str | None = None,
     log: bool = True,
+    tracking_uri: str | None = None,
 ) -> list[Path]:
     """One ``kdbench plot`` command: the runs (``find_runs``), then the figure(s) of ``kind``."""
     if kind not in KINDS:
@@ -726,7 +728,7 @@ def plot(
         raise UserError(f"--layer: only `kdbench plot attention` has a layer, not {kind}")
     if images is not None and kind not in ("predictions", "attention"):
         raise UserError(f"--images: only predictions and attention show images, not {kind}")
-    runs = find_runs(experiment, run_ids)
+    runs = find_runs(experiment, run_ids, tracking_uri)
     if kind == "per-class":
         return [plot_per_class(runs, out_dir, log)]
     if kind == "curves":

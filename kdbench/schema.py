@@ -189,11 +189,9 @@ def search_runs(experiments: list[str] | None = None, filter_string: str = "", u
     """The runs of the experiments (all kdbench experiments when None) as one DataFrame, newest first."""
     import mlflow
 
-    from kdbench.outputs import use_tracking
-    from kdbench.tracking import check_reachable
+    from kdbench.tracking import open_store
 
-    use_tracking(uri)
-    check_reachable()
+    open_store(uri)
     if experiments is None:
         experiments = [e.name for e in mlflow.search_experiments() if e.name.startswith("kdbench-")]
         if not experiments:

@@ -49,24 +49,15 @@ def load_runs(experiments: Sequence[str] | None = None, uri: str | None = None) 
     import mlflow
 
     from kdbench.schema import search_runs
-    from kdbench.outputs import use_tracking
-    from kdbench.tracking import check_reachable
+    from kdbench.tracking import read_store
 
-    use_tracking(uri)
-    where = mlflow.get_tracking_uri()
-    if where.startswith("sqlite:///") and not Path(where.split("///", 1)[1].split("?")[0]).is_file():
-        # reading must not leave an empty store behind where the user mistyped a path
-        raise UserError(
-            f"no MLflow store at {where}; run the table where the runs were made (or `kdbench run --method kd` first), "
-            "or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store that has them"
-        )
-    check_reachable()
+    where = read_store(uri, "table")
     names = [e.name for e in mlflow.search_experiments()]
     known = ", ".join(n for n in names if n.startswith("kdbench-")) or "none"
     for name in experiments or []:
         if name not in names:
             raise UserError(f"--experiment: no experiment {name!r} in {where} (kdbench experiments there: {known}); see --tracking-uri")
-    runs = search_runs(list(experiments) if experiments else None, f"attributes.status = '{RunCol.FINISHED}'")
+    runs = search_runs(list(experiments) if experiments else None, f"attributes.status = '{RunCol.FINISHED}'", uri=where)
     if runs.empty:
         what = f"experiment(s) {', '.join(experiments)}" if experiments else "kdbench-* experiments"
         raise UserError(

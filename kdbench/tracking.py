@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,22 +50,46 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
         ) from None
 
 
+def open_store(uri: str | None = None, root: str | Path = OUTPUT_ROOT) -> tuple[str, mlflow.MlflowClient]:
+    """MLflow pointed at the store (see ``use_tracking``), its tables made: the URI and a client.
+
+    Every first use of a store goes through here. MLflow makes a SQLite store's file and tables (or
+    upgrades them) on first use, and two processes doing that at once (a sweep's workers) break
+    each other's migration; so a local store is first used under a lock file beside it, unless its
+    folder is read-only (then nothing can be made there, only read)."""
+    uri = use_tracking(uri, root)
+    check_reachable()
+    db = sqlite_file(uri)
+    if db is None or (db.is_file() and not os.access(db.parent, os.W_OK)):
+        return uri, mlflow.MlflowClient()
+    with exclusive(db.parent / f".{db.name}.lock", what="output_dir"):
+        client = mlflow.MlflowClient()
+        client.search_experiments(max_results=1)  # the first use
+    return uri, client
+
+
+def read_store(uri: str | None = None, command: str = "table") -> str:
+    """MLflow pointed at a store that must already exist: reading (``command``) must not leave an
+    empty store behind where the user mistyped a path. Returns the URI."""
+    from kdbench.errors import UserError
+
+    uri = use_tracking(uri)
+    db = sqlite_file(uri)
+    if db is not None and not db.is_file():
+        raise UserError(
+            f"no MLflow store at {uri}; run the {command} where the runs were made (or `kdbench run --method kd` first), "
+            "or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store that has them"
+        )
+    check_reachable()
+    return uri
+
+
 class Tracker:
     """A thin, explicit wrapper: start (or reopen) a run, log, end with a status."""
 
     def __init__(self, uri: str | None, experiment: str, root: str | Path = OUTPUT_ROOT) -> None:
-        self.uri = use_tracking(uri, root)
-        db = sqlite_file(self.uri)
-        check_reachable()
+        self.uri, self.client = open_store(uri, root)
         self.experiment = experiment
-        if db is None:
-            self.client = mlflow.MlflowClient()
-        else:
-            # MLflow creates the file (not its folder) and its tables on first use; two processes
-            # doing that at once (a sweep's workers) break each other's migration
-            with exclusive(db.parent / f".{db.name}.lock", what="output_dir"):
-                self.client = mlflow.MlflowClient()
-                self.client.search_experiments(max_results=1)  # the first use
         self.run_id: str | None = None
         self.text_log: Path | None = None
 

@@ -129,6 +129,7 @@ CASES = [
     case("table-no-store", "table", "no MLflow store at", "nostore.db", env={"MLFLOW_TRACKING_URI": "sqlite:///nostore.db"}),
     case("table-empty-store", "table", "no finished runs", "empty.db", env={"MLFLOW_TRACKING_URI": "sqlite:///empty.db"}),
     case("table-unknown-experiment", "table -e nosuch", "--experiment: no experiment 'nosuch'", "kdbench-tiny", after_run=True),
+    case("plot-no-store", "plot per-class", "no MLflow store at", "nostore.db", env={"MLFLOW_TRACKING_URI": "sqlite:///nostore.db"}),
     case("plot-unknown-run", "plot per-class --run 0123456789abcdef", "--run: no run '0123456789abcdef'", after_run=True),
     case("plot-images-for-per-class", "plot per-class --images 0", "--images", "per-class"),
     case("bench-steps-zero", "bench --recipe tiny --steps 0", "--steps", "at least 1"),

@@ -122,13 +122,16 @@ def test_two_processes_never_claim_one_cell_twice_on_sqlite(tmp_path):
 _STARTER = """
 import sys, time
 from pathlib import Path
+from kdbench.schema import search_runs
 from kdbench.tracking import Tracker
 url, folder, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 def wait(name):
     while not (folder / name).exists():
         time.sleep(0.01)
 wait("go")
-t = Tracker(url, "together")  # makes the store's tables
+if int(me) % 2:
+    search_runs(["together"], uri=url)  # a sweep worker looking for finished cells
+t = Tracker(url, "together")  # makes the store's tables, if the search did not
 (folder / me).touch()
 wait("start")
 t.start("run", {}, {"a": 1})  # makes the experiment
@@ -140,7 +143,8 @@ def test_workers_that_start_together_create_one_store_between_them(tmp_path):
     # Four processes at each of the two moments a store or experiment is made: MLflow making a new
     # SQLite store's tables in two processes at once broke the migration (`No such index:
     # 'index_jobs_function_status_creation_time'`, seen with two runs started together), and two
-    # creating one experiment at once failed the second
+    # creating one experiment at once failed the second. Two of the four first search the store
+    # (as a sweep's workers do), two start with the Tracker: both are a store's first use
     import subprocess
     import time
 

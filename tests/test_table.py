@@ -371,3 +371,20 @@ def test_cli_missing_or_empty_store_is_one_line_exit_2(tmp_path, store):
     assert "--tracking-uri" in r.stderr and not (tmp_path / "nosuch.db").exists()  # reading creates no store
     with pytest.raises(UserError, match=r"no finished runs in experiment\(s\) Default of sqlite:///.*kdbench run --method kd"):
         load_runs(["Default"])  # a store that exists, without runs
+
+
+def test_tracking_uri_names_the_store_table_and_plot_read(store, shared_workdir, tmp_path, monkeypatch):
+    # from another folder, with $MLFLOW_TRACKING_URI pointing elsewhere: the flag alone decides
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    uri = f"sqlite:///{shared_workdir / 'mlflow.db'}"
+    r = CliRunner().invoke(app, ["table", "--tracking-uri", uri, "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    assert {"none", "kd"} <= set(pd.read_csv(io.StringIO(r.output))["method"])
+    r = CliRunner().invoke(app, ["plot", "per-class", "--tracking-uri", uri, "--out", str(tmp_path / "fig")])
+    assert r.exit_code == 0, r.output
+    assert list((tmp_path / "fig").glob("*.png"))
+    assert not (tmp_path / "elsewhere.db").exists()  # never opened, so never made
+    r = CliRunner().invoke(app, ["plot", "per-class", "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}"])
+    assert isinstance(r.exception, UserError) and "no MLflow store at" in str(r.exception)
+    assert not (tmp_path / "typo.db").exists()  # reading makes none
