@@ -21,7 +21,7 @@ from kdbench.methods.adversarial import (
 )
 from kdbench.methods.cwd import CWD, cwd_loss
 from kdbench.methods.ifvd import IFVD, ifv_loss
-from kdbench.methods.skd import SKD, pairwise_loss, soft_cross_entropy
+from kdbench.methods.skd import SKD, node_pool, pairwise_loss, soft_cross_entropy
 from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet, build, specs, t64
 
 LN3 = math.log(3)
@@ -135,6 +135,21 @@ def test_pairwise_through_gram_matrices_is_the_affinity_loss():
     fs = ft + 0.1 * torch.randn_like(ft)
     ref = _affinity_loss(fs, ft).item()
     assert pairwise_loss(fs.float(), ft.float(), pool_kernel=1).item() == pytest.approx(ref, rel=1e-4)
+
+
+def test_large_pool_windows_in_two_passes_are_max_pool2d_exactly():
+    # VOC's pool_scale 0.5 window (64 x 64 on 129 x 129, ceil mode: a 3 x 3 grid) and an odd
+    # one, on ReLU-like maps full of ties (zeros, small integers): values and gradients bit-equal
+    # to one max_pool2d, whose gradient goes to the first maximum in row-major order
+    torch.manual_seed(0)
+    for h, w, kh, kw in ((129, 129, 64, 64), (17, 23, 8, 5)):
+        x = torch.relu(torch.randn(2, 3, h, w)).round()
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_ref, y = F.max_pool2d(a, (kh, kw), stride=(kh, kw), ceil_mode=True), node_pool(b, kh, kw)
+        grad = torch.randn_like(y_ref)
+        y_ref.backward(grad)
+        y.backward(grad)
+        assert torch.equal(y, y_ref) and torch.equal(b.grad, a.grad), (h, w, kh, kw)
 
 
 def test_pairwise_detach_norm_changes_the_gradient_only():
