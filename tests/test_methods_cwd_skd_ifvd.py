@@ -20,7 +20,7 @@ from kdbench.methods.adversarial import (
     wgan_d_loss,
 )
 from kdbench.methods.cwd import CWD, cwd_loss
-from kdbench.methods.ifvd import IFVD, ifv_loss
+from kdbench.methods.ifvd import IFVD, class_similarity_map, ifv_loss
 from kdbench.methods.skd import SKD, node_pool, pairwise_loss, soft_cross_entropy
 from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet, build, specs, t64
 
@@ -231,6 +231,25 @@ def test_ifv_prototypes_are_per_image_and_absent_classes_are_harmless():
     ms = F.cosine_similarity(fs[1].flatten(1), proto_s[:, None], dim=0)
     mt = F.cosine_similarity(ft[1].flatten(1), proto_t[:, None], dim=0)
     assert two.item() == pytest.approx(((ms - mt) ** 2).mean().item(), rel=1e-6)
+
+
+def test_class_prototypes_by_one_hot_products_are_the_scatter_sums():
+    # the GPU route (one-hot matrix products) against the by-hand-checked CPU route (scatter_add,
+    # gather), in float64: unlabelled pixels (-1), a class present in one image only, absent classes
+    torch.manual_seed(0)
+    f0 = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    labels = torch.randint(-1, 3, (2, 4, 5))
+    labels[1][labels[1] == 2] = 0
+    out, grads = [], []
+    for onehot in (False, True):
+        f = f0.clone().requires_grad_(True)
+        m, valid = class_similarity_map(f, labels, num_classes=5, onehot=onehot)
+        (m * torch.linspace(-1, 2, m.numel(), dtype=m.dtype).view_as(m)).sum().backward()
+        out.append((m, valid))
+        grads.append(f.grad)
+    assert torch.equal(out[0][1], out[1][1]) and not out[0][1].all()
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14) and grads[0].abs().sum() > 0
 
 
 def test_ifv_identical_sizes_channels_and_downsampled_labels():
