@@ -188,6 +188,8 @@ def benchmark(
         "device": rt.describe()["runtime.device"],
         "precision": rt.precision,
         "compile": rt.compile,
+        "compile_method": rt.compile_method,
+        "cuda_graphs": rt.cuda_graphs,
         "channels_last": rt.channels_last,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -233,7 +233,8 @@ def bench(
     result = benchmark(r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, profile=profile, quiet=quiet)
     st = result.setting
     table = Table(
-        title=f"ms per training step on {st['device']}, {st['precision']}{', compiled' if st['compile'] else ''}; "
+        title=f"ms per training step on {st['device']}, {st['precision']}{', compiled' if st['compile'] else ''}"
+        f"{', method compiled' if st['compile_method'] else ''}{', CUDA graphs' if st['cuda_graphs'] else ''}; "
         f"batch {st['batch_size']}, crop {st['crop_size']}; {st['teacher']} -> {st['student']}; "
         f"{st['rounds']} rounds x {st['steps']} steps"
     )

@@ -202,6 +202,8 @@ def build_state(
         student_forward = torch.compile(student_forward)
         teacher_forward = torch.compile(teacher) if teacher is not None else None
         method_forward = torch.compile(method) if method is not None else None
+    elif rt.compile_method and method is not None:
+        method_forward = torch.compile(method)  # compiled before capture: the first steps run eagerly
     state = TrainState(
         student=student,
         method=method,

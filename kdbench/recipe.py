@@ -201,6 +201,9 @@ class RuntimeConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: torch.compile the student, the teacher and the method (slow first steps, faster after)
     compile: bool = False
+    #: torch.compile the method's forward alone (its loss terms fused into a few kernels); unlike
+    #: ``compile`` it keeps the step's CUDA graph
+    compile_method: bool = field(default=False, metadata=ADDED)
     #: channels-last memory format for models and images; auto: on a GPU
     channels_last: bool | Literal["auto"] = "auto"
     #: multi-GPU: BatchNorm statistics over the whole global batch (CUDA only)

@@ -73,6 +73,8 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: Precision = "fp32"
     compile: bool = False
+    #: torch.compile of the method's forward alone, inside the step's CUDA graph
+    compile_method: bool = False
     channels_last: bool = False
     sync_batchnorm: bool = False
     #: training steps (or, where a step cannot be captured, the teacher's forward) as CUDA graphs
@@ -105,6 +107,7 @@ class Runtime:
             "runtime.device": f"{self.device} ({name})" if self.cuda else "cpu",
             "runtime.precision": self.precision,
             "runtime.compile": str(self.compile).lower(),
+            "runtime.compile_method": str(self.compile_method).lower(),
             "runtime.world_size": str(self.world_size),
             "runtime.torch": torch.__version__,
         }
@@ -326,6 +329,7 @@ def make_runtime(cfg: Any) -> Runtime:
         device=device,
         precision=resolve_precision(cfg.precision, device),
         compile=cfg.compile,
+        compile_method=cfg.compile_method,
         channels_last=channels_last,
         sync_batchnorm=cfg.sync_batchnorm,
         cuda_graphs=cfg.cuda_graphs and device.type == "cuda",

@@ -149,7 +149,8 @@ def test_fp16_step_uses_a_grad_scaler_for_the_student_and_the_discriminator():
 
 
 def test_compiled_step_trains_like_the_eager_step_and_checkpoints_the_modules(monkeypatch):
-    """torch.compile of student, teacher and method, traced by dynamo as in a run; the backend is
+    """torch.compile of student, teacher and method (``compile``), and of the method alone
+    (``compile_method``), traced by dynamo as in a run; the backend is
     aot_eager (no C++ code generation: inductor takes about 90 s cold on this CPU, which the suite
     cannot afford). The first step's losses agree to 2%; the checkpoint keys are the modules' own,
     never the compiled wrappers'."""
@@ -164,17 +165,27 @@ def test_compiled_step_trains_like_the_eager_step_and_checkpoints_the_modules(mo
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     target = torch.randint(0, 9, (4, 32, 32), generator=torch.Generator().manual_seed(2))
 
-    def first_step(rt):
+    def first_step(rt, name="kd"):
         torch.manual_seed(0)
         teacher = build_model(recipe.teacher, 9).eval().requires_grad_(False)
         student = build_model(recipe.student, 9)
-        method = method_for("kd", resolve_config("kd", None, {})[1], student, teacher, 9)
+        method = method_for(name, resolve_config(name, None, {})[1], student, teacher, 9)
         state = build_state(student, method, teacher, recipe.train, rt)
         return state, {k: float(v) for k, v in train_step(state, images, target).items()}
+
+    def agree(compiled, eager):
+        for key, value in eager.items():
+            assert math.isfinite(compiled[key]) and abs(compiled[key] - value) <= 0.02 * abs(value), key
 
     _, eager = first_step(Runtime())
     state, compiled = first_step(Runtime(compile=True))
     assert state.student_forward is not state.student  # the step really ran the compiled form
-    for key, value in eager.items():
-        assert math.isfinite(compiled[key]) and abs(compiled[key] - value) <= 0.02 * abs(value), key
+    agree(compiled, eager)
     assert not any("_orig_mod" in k for k in state_dict(state)["student"])
+    # compile_method: only the method's forward (AttnFD's CBAMs, connectors and distances)
+    _, eager = first_step(Runtime(), "attnfd")
+    state, compiled = first_step(Runtime(compile_method=True), "attnfd")
+    assert state.method_forward is not state.method and state.student_forward is state.student
+    assert state.teacher_forward is state.teacher
+    agree(compiled, eager)
+    assert not any("_orig_mod" in k for k in state_dict(state)["method"])
