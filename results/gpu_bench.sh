@@ -6,6 +6,8 @@
 #   voc_bf16_eager:  the same without CUDA graphs (runtime.cuda_graphs=false), to see what they save
 #   voc_fp32_eager:  fp32 without CUDA graphs: the "fp32 eager floor" the bf16 floor is compared with
 #   cirkd_bf16:      CIRKD's shapes, bf16, CUDA graphs
+#   voc_bf16_compile_method: the VOC rows whose methods cost more than the floor, with
+#                    runtime.compile_method (the method's forward compiled, inside the step graph)
 # Usage: bash results/gpu_bench.sh OUT_DIR   (JSON per table in OUT_DIR; the tables on stdout)
 set -uo pipefail
 out=${1:-results/gpu}
@@ -17,5 +19,7 @@ bench="python3 -m kdbench bench --device cuda --loader-batches 0"
 $bench --recipe voc_r101_r18 $all --precision bf16 --json "$out/voc_bf16.json"
 $bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_bf16_eager.json"
 $bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_fp32_eager.json"
+$bench --recipe voc_r101_r18 -m attnfd -m skd -m ifvd -m cwd --precision bf16 --set runtime.compile_method=true \
+    --json "$out/voc_bf16_compile_method.json"
 $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd -m skd -m attnfd \
     --precision bf16 --steps 3 --rounds 3 --warmup 3 --json "$out/cirkd_bf16.json"
