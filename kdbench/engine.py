@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,27 @@ def train_batches(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now, however the run ends.
+
+    DataLoader has no public close: its workers stop when its iterator is collected. When a stop
+    raises (a pruned trial, a failed sweep cell), the traceback its caller keeps holds the run's
+    frames and so the loaders; collected later, in a process forked meanwhile (the next trial's
+    loader worker), the iterator's __del__ fails there ("can only test a child process")."""
+    iterator = loader._iterator
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
+@contextmanager
+def workers_closed(loader: DataLoader) -> Iterator[DataLoader]:
+    try:
+        yield loader
+    finally:
+        close_loader(loader)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,10 +604,10 @@ def run_loop(
         hooks.log({Metric.VAL_MIOU: metrics.miou, Metric.VAL_PIXEL_ACC: metrics.pixel_acc}, state.step)
         hooks.on_eval(state.step, metrics)
 
-    loader = train_batches(train_set, cfg.batch_size, seed, state.step, total, workers, rt)
     window_start, window_steps = time.perf_counter(), 0
     watch = NonFiniteWatch(label, enabled=not state.skip_nonfinite)
-    with make_progress(enabled=progress) as bar:
+    loader = train_batches(train_set, cfg.batch_size, seed, state.step, total, workers, rt)
+    with make_progress(enabled=progress) as bar, workers_closed(loader):
         task = bar.add_task(label, total=total, completed=state.step, loss=math.nan, lr=0.0, ips=0.0)
         for images, target in loader:
             logged = train_step(state, images, target)

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from kdbench.checkpoint import exclusive, load, save_atomic, verify_checksum, writable_folder, write_checksum
 from kdbench.data import Splits, load_splits, resolve_cache_dir
-from kdbench.engine import BEST_FILE, LoopHooks, best_miou, best_weights, build_state, eval_loader, evaluate, load_state, run_loop
+from kdbench.engine import BEST_FILE, LoopHooks, best_miou, best_weights, build_state, close_loader, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
@@ -385,6 +385,8 @@ def _train(
     except BaseException as err:
         tracker.end("FAILED", "".join(traceback.format_exception_only(err)).strip())
         raise
+    finally:
+        close_loader(evaluation)
     tracker.end("FINISHED")
     seconds = time.perf_counter() - start
     if not quiet:

@@ -233,3 +233,18 @@ def test_init_seed_fixes_the_students_first_weights_and_the_seed_the_rest():
     assert not torch.equal(d, e)
     assert torch.equal(d, _weights(["seed=7", "student.init_seed=1"])[0])
     assert not torch.equal(after_d, after_a)  # a fixed init is followed by a fresh draw from the seed
+
+
+def test_a_run_stopped_by_an_exception_lets_its_loader_workers_go(workdir):
+    """A stop that raises (a non-finite loss here, after an evaluation; a pruned trial, a failed
+    sweep cell) leaves the run's frames in the traceback the caller keeps (Optuna keeps a pruned
+    trial's). The persistent workers of the training and the evaluation loaders must not live on
+    there: a process forked later (the next trial's loader worker) inherits them, and its garbage
+    collection printed "Exception ignored ... can only test a child process" during `kdbench tune`."""
+    import multiprocessing
+
+    sets = ["train.lr=1e8", "train.iterations=8", "train.eval_interval=1", "train.checkpoint_interval=0", "data.workers=1"]
+    with pytest.raises(NonFiniteLoss) as err:
+        run(load_recipe("tiny", sets, method="none"), quiet=True)
+    assert err.traceback  # held while we look
+    assert multiprocessing.active_children() == []
