@@ -228,14 +228,14 @@ def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.Mon
 # ------------------------------------------------------------------------------------------------- splits
 
 
-def _synthetic_splits(tmp_path: Path, holdout_fraction: float, seed: int = 0) -> Splits:
+def _synthetic_splits(tmp_path: Path, holdout_fraction: float, seed: int = 0, label_noise: float = 0.0) -> Splits:
     return build_splits(
         "synthetic",
         None,
         crop_size=(24, 24),
         holdout_fraction=holdout_fraction,
         seed=seed,
-        synthetic={"num_train": 10, "num_val": 3, "image_size": 32, "seed": 0},
+        synthetic={"num_train": 10, "num_val": 3, "image_size": 32, "seed": 0, **({"label_noise": label_noise} if label_noise else {})},
         cache_dir=tmp_path,
         progress=False,
     )
@@ -258,6 +258,23 @@ def test_build_splits_holdout_is_disjoint_from_train(tmp_path: Path) -> None:
     assert splits.val[0][0].shape == (3, 32, 32) and len(splits.val) == 3
     no_holdout = _synthetic_splits(tmp_path, 0.0)
     assert no_holdout.holdout is None and len(no_holdout.train) == 10
+
+
+def test_the_held_out_part_of_a_noisy_synthetic_set_is_scored_on_clean_labels(tmp_path: Path) -> None:
+    # it stands in for val, whose labels are clean: the same images as the noisy training split at
+    # the same indices, with the labels the generator draws without noise
+    noisy = _synthetic_splits(tmp_path, 0.5, label_noise=1.0)
+    clean = _synthetic_splits(tmp_path, 0.5)
+    assert _ids(noisy.holdout) == _ids(clean.holdout) and _ids(noisy.train) == _ids(clean.train)
+    train_folder = noisy.train.dataset  # the noisy labels the student learns from
+    relabelled = 0
+    for k, i in enumerate(noisy.holdout.indices):
+        image, label = noisy.holdout[k]
+        clean_image, clean_label = clean.holdout[k]
+        assert torch.equal(image, clean_image) and torch.equal(label, clean_label)
+        noisy_label = torch.as_tensor(np.array(train_folder.read(i)[1]))
+        relabelled += int(not torch.equal(noisy_label.long(), label.long()))
+    assert relabelled > 0  # label_noise 1: every hexagon and star of the training labels is relabelled
 
 
 def test_build_splits_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,6 +120,11 @@ def build_splits(
         order = np.random.default_rng(seed).permutation(n)
         held_out_set = copy.copy(train_set)  # same file lists, scanned once; only the transform differs
         held_out_set.transform = eval_tf
+        if dataset == "synthetic" and root is None and (synthetic or {}).get("label_noise"):
+            # the held-out part stands in for val, whose labels are clean: the same images with the
+            # labels drawn without noise (scored on the noisy ones, tuning would reward learning the noise)
+            clean = _synthetic_root({**(synthetic or {}), "label_noise": 0.0}, cache_dir, progress)
+            held_out_set = VOCSegmentation(str(clean), "train", eval_tf, **kwargs)
         holdout = Subset(held_out_set, sorted(order[:count].tolist()))
         train = Subset(train_set, sorted(order[count:].tolist()))
     return Splits(train, holdout, val, train_set.num_classes, list(train_set.class_names))
