@@ -67,7 +67,8 @@ def class_similarity_map(
     lab = labels.reshape(b, 1, -1)
     valid = (lab >= 0) & (lab < num_classes)
     bins = torch.where(valid, lab, num_classes)  # unlabelled pixels go to an extra bin
-    if f.is_cuda if onehot is None else onehot:
+    use_onehot = f.is_cuda if onehot is None else onehot
+    if use_onehot:
         members = F.one_hot(bins[:, 0], num_classes + 1).to(feats.dtype)  # B x N x (K+1)
         protos = (feats @ members) / (members.sum(dim=1, keepdim=True) + 1e-6)  # B x C x (K+1)
         center = protos @ members.transpose(1, 2)  # each pixel's prototype, B x C x N
