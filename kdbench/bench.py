@@ -28,7 +28,7 @@ from kdbench.errors import UserError
 from kdbench.methods import method_for, registry
 from kdbench.models import build_model
 from kdbench.progress import make_progress
-from kdbench.recipe import Recipe, per_method_config
+from kdbench.recipe import Recipe, load_recipe, per_method_config
 from kdbench.runtime import Runtime, make_runtime
 
 
@@ -37,13 +37,21 @@ class Row:
     """One method and preset: milliseconds per step and ratio to the floor, one value per round."""
 
     method: str
-    preset: str
+    #: the preset names that resolve to this row's options (timed once); empty for the floor
+    presets: tuple[str, ...] = ()
+    #: these options are what ``kdbench run --method NAME`` gets with the recipe
+    runs_by_default: bool = False
     ms: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)
     #: peak memory a step allocates beyond what was resident before it (activations, gradients)
     step_mib: float | None = None
     #: the costliest operations of a step (``--profile``)
     profile: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def preset(self) -> str:
+        """``paper*``, or ``default = paper*`` for presets with the same options (``*``: a run's)."""
+        return " = ".join(self.presets) + ("*" if self.runs_by_default else "") if self.presets else "-"
 
     @property
     def median_ms(self) -> float:
@@ -62,6 +70,8 @@ class Row:
         return {
             "method": self.method,
             "preset": self.preset,
+            "presets": list(self.presets),
+            "runs_by_default": self.runs_by_default,
             "ms_per_step": {"median": self.median_ms, "min": min(self.ms), "max": max(self.ms), "rounds": self.ms},
             "x_floor": {"median": self.median_ratio, "min": min(self.ratio), "max": max(self.ratio), "rounds": self.ratio},
             "overlaps_floor": self.overlaps_floor,
@@ -82,16 +92,47 @@ class BenchResult:
         return {"setting": self.setting, "rows": [r.to_dict(batch) for r in self.rows], "loader": self.loader}
 
 
-def plan(recipe: Recipe, methods: list[str] | None) -> list[tuple[str, str | None, str | None]]:
-    """(label, method, preset): the floor, then every preset of every method asked for."""
+#: bench times random init, so a recipe's weights files (e.g. CIRKD's ImageNet backbone) are never needed
+RANDOM_INIT = ("teacher.pretrained=false", "teacher.checkpoint=", "student.pretrained=false")
+
+
+def bench_recipe(recipe: str | None, overrides: list[str]) -> Recipe:
+    """The recipe as bench times it: ``overrides`` applied, then random init (weights never read)."""
+    return load_recipe(recipe, [*overrides, *RANDOM_INIT])
+
+
+def plan(recipe: Recipe, methods: list[str] | None) -> list[Row]:
+    """The floor, then every preset of every method asked for (``NAME``: all its presets,
+    ``NAME:PRESET``: that one), in registry order; presets with identical options are timed once."""
     known = registry()
-    for name in methods or []:
+    wanted: dict[str, set[str] | None] = {}  # method -> presets asked for (None: all)
+    for item in methods or []:
+        name, _, preset = item.partition(":")
         if name not in known:
             raise UserError(f"--method: unknown method {name!r}; choose one of {', '.join(known)}")
-    rows: list[tuple[str, str | None, str | None]] = [("floor", None, None)]
+        names = ["default", *known[name].presets]
+        if preset and preset not in names:
+            raise UserError(f"--method {item}: {name!r} has no preset {preset!r}; choose one of {', '.join(names)}")
+        if preset and wanted.get(name, set()) is not None:
+            wanted.setdefault(name, set()).add(preset)
+        else:
+            wanted[name] = None
+    rows = [Row("floor")]
     for name, cls in known.items():
-        if not methods or name in methods:
-            rows += [(name, name, p) for p in ["default", *cls.presets]]
+        if methods and name not in wanted:
+            continue
+        run_default = per_method_config(recipe, name)
+        groups: list[tuple[Any, list[str]]] = []  # each distinct config, with the presets that give it
+        for preset in ["default", *cls.presets]:
+            cfg = per_method_config(recipe, name, preset)
+            same = next((names for other, names in groups if other == cfg), None)
+            if same is None:
+                groups.append((cfg, [preset]))
+            else:
+                same.append(preset)
+        for cfg, names in groups:
+            if wanted.get(name) is None or wanted[name] & set(names):
+                rows.append(Row(name, tuple(names), cfg == run_default))
     return rows
 
 
@@ -135,27 +176,26 @@ def benchmark(
     if rt.distributed:
         raise UserError("bench: run it as one process (it times one device); torchrun is for `kdbench run`")
     k = len(class_names(recipe.data.dataset))
-    rows_plan = plan(recipe, methods)
+    rows = plan(recipe, methods)
     batches = _random_batches(recipe, k, max(steps, warmup, 1), rt)
     teachers: dict[str, torch.nn.Module] = {}
     train_cfg = dataclasses.replace(recipe.train, iterations=warmup + rounds * steps + 1)
-    states, rows = [], []
+    states = []
     with make_progress(enabled=not quiet, transient=True) as bar:
-        task = bar.add_task("building and warming up", total=len(rows_plan))
-        for label, name, preset in rows_plan:
-            cfg, teacher = None, _teacher_for(recipe, {}, k, teachers)
-            if name is not None:
-                cfg = per_method_config(recipe, name, preset)
+        task = bar.add_task("building and warming up", total=len(rows))
+        for row in rows:
+            name, cfg, teacher = row.method, None, _teacher_for(recipe, {}, k, teachers)
+            if row.presets:
+                cfg = per_method_config(recipe, name, row.presets[0])
                 cls = registry()[name]
                 teacher = _teacher_for(recipe, cls.teacher_requirements(cfg), k, teachers) if cls.needs_teacher else None
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student, k, pretrained=False)
-            method = method_for(name, cfg, student, teacher, k) if name is not None else None
+            method = method_for(name, cfg, student, teacher, k) if row.presets else None
             state = build_state(student, method, teacher, train_cfg, rt)
             for i in range(warmup):
                 train_step(state, *batches[i % len(batches)])
             states.append(state)
-            rows.append(Row(label, preset or "-"))
             bar.advance(task)
         task = bar.add_task("timing", total=rounds * len(rows))
         for _ in range(rounds):

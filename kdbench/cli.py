@@ -202,7 +202,10 @@ def eval_(
 def bench(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
-    method: Annotated[Optional[list[str]], typer.Option("--method", "-m", help="Only these methods (repeatable); default: all.")] = None,
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option("--method", "-m", help="Only these methods (repeatable): NAME for all its presets, NAME:PRESET for one; default: all."),
+    ] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     compile_: CompileOpt = None,
@@ -215,21 +218,22 @@ def bench(
     quiet: QuietOpt = False,
 ) -> None:
     """Time one training step of every method and preset against the floor (teacher forward + plain
-    student step) on the recipe's models, batch and crop, with random tensors (no dataset needed).
+    student step) on the recipe's models, batch and crop, with random tensors and random weights (no
+    dataset, teacher or weights file needed).
 
-    Rows are interleaved over rounds; ratios to the floor are taken within each round and shown as
-    median [min-max]; '~' marks a ratio whose spread reaches 1. On a GPU the table also shows the
+    Presets with the same options are one row ('default = cirkd'); '*' marks what `kdbench run
+    --method NAME` gets. Rows are interleaved over rounds; ratios to the floor are taken within each
+    round and shown as median [min-max]; '~' marks a ratio whose spread reaches 1. On a GPU the table also shows the
     extra memory one step allocates. The loader line times the recipe's data with its workers.
     """
     import json
     from pathlib import Path
 
-    from kdbench.bench import benchmark
-    from kdbench.recipe import load_recipe
+    from kdbench.bench import bench_recipe, benchmark
 
     if min(steps, rounds) < 1 or warmup < 0 or loader_batches < 0:
         raise UserError("bench: --steps and --rounds must be at least 1, --warmup and --loader-batches at least 0")
-    r = load_recipe(recipe, runtime_overrides(device, precision, compile_) + list(set_ or []))
+    r = bench_recipe(recipe, runtime_overrides(device, precision, compile_) + list(set_ or []))
     result = benchmark(r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, profile=profile, quiet=quiet)
     st = result.setting
     table = Table(

@@ -3,12 +3,16 @@
 # R18, OS16, batch 6, crop 513) and CIRKD's Cityscapes shapes (DeepLabV3 R101 -> R18, OS8, batch 8
 # per GPU, crop 512x1024). Random tensors and random init: no dataset, no teacher.
 #   voc_bf16:        every method and preset, bf16, each step one CUDA graph (the defaults)
-#   voc_bf16_eager:  the same without CUDA graphs (runtime.cuda_graphs=false), to see what they save
-#   voc_fp32_eager:  fp32 without CUDA graphs: the "fp32 eager floor" the bf16 floor is compared with
+#   voc_bf16_compile_method: AttnFD and the discriminator presets, with runtime.compile_method
+#                    (the method's forward compiled, inside the step graph)
 #   cirkd_bf16:      CIRKD's shapes, bf16, CUDA graphs
-#   voc_bf16_compile_method: the VOC rows whose methods cost more than the floor, with
-#                    runtime.compile_method (the method's forward compiled, inside the step graph)
+#   voc_bf16_eager:  VOC without CUDA graphs (runtime.cuda_graphs=false), to see what they save
+#   voc_fp32_eager:  fp32 without CUDA graphs: the "fp32 eager floor" the bf16 floor is compared with
+#   voc_bf16_eager_profile: where AttnFD's and the discriminator presets' time over the floor goes
+#                    (their 60 costliest operations, device time, eager: a graph's replay hides them)
 # Usage: bash results/gpu_bench.sh OUT_DIR   (JSON per table in OUT_DIR; the tables on stdout)
+# The lines run in the order they matter (the issue's targets first), so a GPU session that runs out
+# of time still has the first tables. Presets with the same options are one row ("default = cirkd").
 set -uo pipefail
 out=${1:-results/gpu}
 mkdir -p "$out"
@@ -17,9 +21,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 bench="python3 -m kdbench bench --device cuda --loader-batches 0"
 $bench --recipe voc_r101_r18 $all --precision bf16 --json "$out/voc_bf16.json"
-$bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_bf16_eager.json"
-$bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_fp32_eager.json"
-$bench --recipe voc_r101_r18 -m attnfd -m skd -m ifvd -m cwd --precision bf16 --set runtime.compile_method=true \
+$bench --recipe voc_r101_r18 -m attnfd -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd --precision bf16 --set runtime.compile_method=true \
     --json "$out/voc_bf16_compile_method.json"
 $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd -m skd -m attnfd \
     --precision bf16 --steps 3 --rounds 3 --warmup 3 --json "$out/cirkd_bf16.json"
+$bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_bf16_eager.json"
+$bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_fp32_eager.json"
+$bench --recipe voc_r101_r18 -m attnfd:default -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd --precision bf16 \
+    --set runtime.cuda_graphs=false --rounds 1 --profile 60 --json "$out/voc_bf16_eager_profile.json"

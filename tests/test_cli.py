@@ -126,7 +126,8 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
         "import sys; sys.modules['mlflow'] = None; sys.modules['optuna'] = None; "
         "sys.argv = ['kdbench'] + sys.argv[1:]; from kdbench.cli import main; main()"
     )
-    args = ["bench", "--recipe", "tiny", "--steps", "1", "--rounds", "3", "--warmup", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "--json", "b.json", "--quiet"]
+    args = ["bench", "--recipe", "tiny", "--steps", "1", "--rounds", "3", "--warmup", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "-m", "skd:pure"]
+    args += ["--set", "student.pretrained=absent.pth", "--json", "b.json", "--quiet"]  # random init: no weights file needed
     env = {**os.environ, "KDBENCH_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -137,6 +138,9 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
     assert data["setting"]["device"] == "cpu" and data["setting"]["batch_size"] == 4
     floor, *rows = data["rows"]
     assert floor["method"] == "floor" and floor["x_floor"]["rounds"] == [1.0, 1.0, 1.0]
+    presets = [(row["method"], row["presets"], row["runs_by_default"]) for row in rows]
+    assert ("kd", ["default", "cirkd"], True) in presets and ("skd", ["pure"], False) in presets  # one row per distinct options
+    assert [m for m, *_ in presets].count("skd") == 1 and [m for m, *_ in presets].count("attnfd") == 3
     for row in rows:  # one ratio per round, each against that round's floor
         assert len(row["ms_per_step"]["rounds"]) == len(row["x_floor"]["rounds"]) == 3
         want = [ms / f for ms, f in zip(row["ms_per_step"]["rounds"], floor["ms_per_step"]["rounds"])]

@@ -17,12 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(cwd: Path) -> dict[str, str]:
+    (cwd / "tmp").mkdir(exist_ok=True)  # torchrun's torchelastic_* folders: gone with tmp_path, not left in /tmp
     return {
         **os.environ,
         "KDBENCH_CACHE": str(cwd / "cache"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(cwd / "tmp"),
     }
 
 

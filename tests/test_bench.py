@@ -1,0 +1,41 @@
+"""What `kdbench bench` times: which rows, on which recipe (the timing itself: test_cli)."""
+
+from pathlib import Path
+
+import pytest
+
+from kdbench.bench import bench_recipe, plan
+from kdbench.errors import UserError
+from kdbench.methods import registry
+
+RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_shipped_recipe_benches_without_its_weights_files(name):
+    """CIRKD's recipe names an ImageNet file that a GPU machine for timing does not have."""
+    rows = plan(bench_recipe(name, []), None)
+    assert rows[0].method == "floor" and rows[0].preset == "-"
+    for method in registry():  # every method, each with exactly one row a plain run would time
+        mine = [r for r in rows if r.method == method]
+        assert mine and sum(r.runs_by_default for r in mine) == 1, (method, [r.preset for r in mine])
+
+
+def test_presets_with_the_same_options_are_one_row_and_one_can_be_asked_for():
+    recipe = bench_recipe("tiny", [])
+    rows = {(r.method, r.preset) for r in plan(recipe, ["kd", "cwd:pure", "skd:paper", "skd:pure"])}
+    # kd's cirkd preset is its defaults; cwd's paper and pure presets are the same values (w 3, T 4)
+    assert rows == {("floor", "-"), ("kd", "default = cirkd*"), ("cwd", "default = paper = pure*"), ("skd", "paper"), ("skd", "pure")}
+    assert len(plan(recipe, ["skd:pure", "skd"])) == 1 + 3  # the whole method wins over one preset of it
+    # a recipe that sets a method's options moves the '*' to the row a run would get
+    starred = [r.preset for r in plan(bench_recipe("tiny", ["methods.cwd.preset=cirkd"]), ["cwd"]) if r.runs_by_default]
+    assert starred == ["cirkd*"]
+
+
+@pytest.mark.parametrize(
+    "asked, message",
+    [(["magic"], "--method: unknown method 'magic'"), (["skd:nope"], "--method skd:nope: 'skd' has no preset 'nope'; choose one of default, cirkd, paper, pure")],
+)
+def test_an_unknown_method_or_preset_is_one_clear_line(asked, message):
+    with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
+        plan(bench_recipe("tiny", []), asked)
