@@ -31,8 +31,8 @@ Deliberate differences from the original code:
 - The leaky-ReLU slope is 0.1 as in both codes (the usual SAGAN value is 0.2).
 - CIRKD computes D on the student logits at every step with lambda_adv = lambda_d = 0 for methods
   that do not use it ("runs with weight zero"); kdbench builds D only when lambda_adv > 0.
-- The student term is computed with D's parameters frozen, so the student's backward pass leaves no
-  gradient on D; D's gradients are also zeroed before its own step.
+- The student term is computed through D's parameters detached, so the student's backward pass
+  leaves no gradient on D; D's gradients are also zeroed before its own step.
 - When student and teacher logits differ in spatial size (output stride 16 vs 8), the student's are
   resized (bilinear) to the teacher's, so D always sees real and fake maps of one size.
 """
@@ -204,13 +204,11 @@ class Adversary(nn.Module):
         return torch.optim.SGD(params, lr=c.adv_lr, momentum=c.adv_momentum, weight_decay=c.adv_weight_decay, fused=fused)
 
     def student_term(self, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
-        """lambda_adv * -mean D(z_s), with D frozen so the student's backward leaves D untouched."""
+        """lambda_adv * -mean D(z_s), through D's parameters detached, so the student's backward
+        leaves D untouched (and torch.compile sees one graph, not D's flags toggled mid-forward)."""
         d = self.discriminator
-        d.requires_grad_(False)
-        try:
-            score = d(match_size(z_s, z_t))
-        finally:
-            d.requires_grad_(True)
+        detached = {name: p.detach() for name, p in d.named_parameters()}
+        score = torch.func.functional_call(d, detached, (match_size(z_s, z_t),))
         return self.cfg.adv_weight * generator_loss(score)
 
     def step(self, z_s: torch.Tensor, z_t: torch.Tensor, optimizer: torch.optim.Optimizer, rt: Runtime) -> torch.Tensor:

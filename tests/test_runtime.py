@@ -165,11 +165,11 @@ def test_compiled_step_trains_like_the_eager_step_and_checkpoints_the_modules(mo
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     target = torch.randint(0, 9, (4, 32, 32), generator=torch.Generator().manual_seed(2))
 
-    def first_step(rt, name="kd"):
+    def first_step(rt, name="kd", preset=None):
         torch.manual_seed(0)
         teacher = build_model(recipe.teacher, 9).eval().requires_grad_(False)
         student = build_model(recipe.student, 9)
-        method = method_for(name, resolve_config(name, None, {})[1], student, teacher, 9)
+        method = method_for(name, resolve_config(name, preset, {})[1], student, teacher, 9)
         state = build_state(student, method, teacher, recipe.train, rt)
         return state, {k: float(v) for k, v in train_step(state, images, target).items()}
 
@@ -189,3 +189,11 @@ def test_compiled_step_trains_like_the_eager_step_and_checkpoints_the_modules(mo
     assert state.teacher_forward is state.teacher
     agree(compiled, eager)
     assert not any("_orig_mod" in k for k in state_dict(state)["method"])
+    # a discriminator's student term is one graph too: D's parameters detached, not D's flags toggled
+    from torch._dynamo.utils import counters
+
+    _, eager = first_step(Runtime(), "cwd", "cirkd")
+    counters.clear()
+    state, compiled = first_step(Runtime(compile_method=True), "cwd", "cirkd")
+    agree(compiled, eager)
+    assert "loss/adv" in compiled and not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
