@@ -208,7 +208,7 @@ class Adversary(nn.Module):
         leaves D untouched (and torch.compile sees one graph, not D's flags toggled mid-forward)."""
         d = self.discriminator
         detached = {name: p.detach() for name, p in d.named_parameters()}
-        score = torch.func.functional_call(d, detached, (match_size(z_s, z_t),))
+        score = torch.func.functional_call(d, detached, (match_size(z_s, z_t),), tie_weights=False)
         return self.cfg.adv_weight * generator_loss(score)
 
     def step(self, z_s: torch.Tensor, z_t: torch.Tensor, optimizer: torch.optim.Optimizer, rt: Runtime) -> torch.Tensor:
