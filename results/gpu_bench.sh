@@ -11,6 +11,7 @@
 #   voc_bf16_eager_profile: where AttnFD's and the discriminator presets' time over the floor goes
 #                    (their 60 costliest operations, device time, eager: a graph's replay hides them)
 # Usage: bash results/gpu_bench.sh OUT_DIR   (JSON per table in OUT_DIR; the tables on stdout)
+# Correctness of the graphed (and compiled) steps on the same GPU: python3 -m pytest -q tests/test_cuda_graphs.py
 # The lines run in the order they matter (the issue's targets first), so a GPU session that runs out
 # of time still has the first tables. Presets with the same options are one row ("default = cirkd").
 set -uo pipefail
