@@ -200,6 +200,18 @@ def _preset_values(method: str, preset: str) -> dict[str, str] | None:
     return {k: encode_param(_plain(v)) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def _inert_options(method: str, preset: str, logged: dict[str, str]) -> set[str]:
+    """The options that changed nothing in a run (a discriminator's width where none was built);
+    none if this install cannot rebuild the run's config."""
+    from kdbench.methods import get_method_class, resolve_config
+
+    try:
+        _, cfg = resolve_config(method, preset, {k: decode_param(v) for k, v in logged.items()})
+    except UserError:
+        return set()
+    return get_method_class(method).inert_options(cfg)
+
+
 def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
@@ -262,7 +274,7 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU, newest_only: bool
     t = t[t["value"].notna()]
     students = t["role"] == Role.STUDENT
 
-    # method options that differ from the preset's values
+    # method options that differ from the preset's values (and change something in the run)
     prefix = param_col(Param.METHOD_PARAMS_PREFIX)
     option_cols = [c for c in runs.columns if c.startswith(prefix)]
     options: dict[Any, tuple[tuple[str, str], ...]] = {}
@@ -272,18 +284,14 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU, newest_only: bool
         if preset_values is None:  # unknown defaults: show the options that differ between these runs
             shown = {c[len(prefix) :] for c in option_cols if logged[c].dropna().nunique() > 1}
         for i in idx:
-            opts = []
-            for c in option_cols:
-                v, key = logged.at[i, c], c[len(prefix) :]
-                if not isinstance(v, str):
-                    continue
-                if preset_values is None:
-                    differs = key in shown
-                else:
-                    differs = key not in preset_values or not _same(v, preset_values[key])
-                if differs:
-                    opts.append((key, v))
-            options[i] = tuple(opts)
+            values = {c[len(prefix) :]: v for c, v in logged.loc[i].items() if isinstance(v, str)}
+            if preset_values is None:
+                options[i] = tuple((k, v) for k, v in values.items() if k in shown)
+                continue
+            inert = _inert_options(method, preset, values)
+            options[i] = tuple(
+                (k, v) for k, v in values.items() if k not in inert and (k not in preset_values or not _same(v, preset_values[k]))
+            )
     t["options"] = [options.get(i, ()) for i in t.index]
 
     # the teacher's recipe keys that differ between runs (e.g. a teacher trained with CBAM taps for

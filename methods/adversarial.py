@@ -40,7 +40,7 @@ Deliberate differences from the original code:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -243,6 +243,11 @@ class AdversarialMethod(Method):
     to their loss dict."""
 
     adversary: Adversary | None
+
+    @classmethod
+    def inert_options(cls, cfg: AdversarialConfig) -> set[str]:
+        """Without a discriminator (adv_weight 0) its other options change nothing."""
+        return set() if cfg.adv_weight > 0 else {f.name for f in fields(AdversarialConfig)} - {"adv_weight"}
 
     def build_adversary(self) -> None:
         cfg: AdversarialConfig = self.cfg

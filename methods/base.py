@@ -113,6 +113,12 @@ class Method(nn.Module):
         key, the logged recipe and the trained teacher all agree."""
         return {}
 
+    @classmethod
+    def inert_options(cls, cfg: Any) -> set[str]:
+        """Options that change nothing under this configuration (a discriminator's width when no
+        discriminator is built); tables leave them out of a row's name and do not split rows on them."""
+        return set()
+
     # -- what the engine asks -------------------------------------------------------------
     def forward(
         self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], target: torch.Tensor

@@ -241,15 +241,22 @@ def test_paired_test_and_bootstrap():
 
 def test_options_are_compared_with_the_preset():
     """CWD's cirkd preset turns pixel KD on (kd_weight 1.0; the Config default is 0.0): a run at the
-    preset's values has no options in its label, a run that turns it off shows kd_weight=0."""
+    preset's values has no options in its label, a run that turns it off shows kd_weight=0. Options
+    that change nothing in a run (``Method.inert_options``) are not shown."""
     cirkd = {"weight": "3.0", "temperature": "4.0", "feature_weight": "50.0", "kd_weight": "1.0"}
     rows = [_run(Role.STUDENT, "none", "default", 0, 0.5)]
     rows += [_run(Role.STUDENT, "cwd", "cirkd", 0, 0.6, params=cirkd)]
     rows += [_run(Role.STUDENT, "cwd", "cirkd", 0, 0.55, params={**cirkd, "kd_weight": "0.0"})]
     rows += [_run(Role.STUDENT, "cwd", "paper", 0, 0.52, params={"weight": "3.0", "kd_weight": "0.0"})]
     rows += [_run(Role.STUDENT, "cwd", "paper", 0, 0.53, params={"weight": "5", "kd_weight": "0.0"})]  # 5 logged as int
-    labels = [v.label for v in build_table(pd.DataFrame(rows)).variants]
-    assert labels[1:] == ["none (default)", "cwd (cirkd)", "cwd (cirkd) kd_weight=0", "cwd (paper)", "cwd (paper) weight=5"]
+    # a discriminator's width changes nothing where no discriminator is built (paper: adv_weight 0):
+    # not in the name, and the run pools with the other seed of its configuration
+    rows += [_run(Role.STUDENT, "cwd", "paper", 1, 0.54, params={"weight": "3.0", "kd_weight": "0.0", "adv_width": "32"})]
+    rows += [_run(Role.STUDENT, "cwd", "cirkd", 0, 0.61, params={**cirkd, "adv_width": "32"})]
+    table = build_table(pd.DataFrame(rows))
+    labels = [v.label for v in table.variants]
+    assert labels[1:] == ["none (default)", "cwd (cirkd)", "cwd (cirkd) adv_width=32", "cwd (cirkd) kd_weight=0", "cwd (paper)", "cwd (paper) weight=5"]
+    assert table.cell(table.variants[5], table.groups[0])["n"] == 2
 
 
 def test_a_recipe_key_that_differs_splits_rows_and_baselines():
