@@ -157,6 +157,11 @@ class AttnFD(Method):
     }
 
     @classmethod
+    def inert_options(cls, cfg: AttnFDConfig) -> set[str]:
+        inert = set() if cfg.normalize == "channel" else {"squared"}
+        return inert if cfg.connector_warmup_epochs else inert | {"warmup_freezes_student"}
+
+    @classmethod
     def teacher_requirements(cls, cfg: AttnFDConfig) -> dict:
         return {"attention_taps": tuple(cfg.layers)} if cfg.teacher_attention == "pretrained" else {}
 

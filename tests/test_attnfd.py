@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.engine import TrainState, train_step
+from kdbench.methods import resolve_config
 from kdbench.methods.attnfd import (
     LAYERS,
     AttnFD,
@@ -194,3 +195,9 @@ def test_engine_step_with_the_code_preset():
     train_step(state, images, target)  # step 1: frozen
     assert all(torch.equal(a, b) for a, b in zip(warmed, connectors()))
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_options_that_change_nothing_are_named_for_tables():
+    """``squared`` only acts under channel normalisation, ``warmup_freezes_student`` only with a warm-up."""
+    inert = {p: AttnFD.inert_options(resolve_config("attnfd", p, {})[1]) for p in ("default", "code", "paper")}
+    assert inert == {"default": {"squared", "warmup_freezes_student"}, "code": {"squared"}, "paper": {"warmup_freezes_student"}}
