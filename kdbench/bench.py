@@ -7,7 +7,8 @@ recipe's batch and crop, so no dataset and no trained teacher are needed: a step
 shapes, not on values. Rows are timed in interleaved rounds (every row once per round, the floor
 included), and each row's ratio to the floor is taken within a round, so a machine that slows down
 or speeds up part-way through moves all rows alike. The spread over rounds is reported, and a
-ratio whose spread reaches 1 is flagged as indistinguishable from the floor.
+ratio whose spread reaches 1 is flagged as indistinguishable from the floor, as is one wholly below
+1 for a method that runs the teacher (no such step is cheaper than the floor: that is noise).
 
 Importing this module needs neither MLflow nor Optuna (a GPU machine may lack them).
 """
@@ -41,6 +42,8 @@ class Row:
     presets: tuple[str, ...] = ()
     #: these options are what ``kdbench run --method NAME`` gets with the recipe
     runs_by_default: bool = False
+    #: the step runs the teacher's forward (all but the plain student), so it cannot beat the floor
+    needs_teacher: bool = True
     ms: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)
     #: peak memory a step allocates beyond what was resident before it (activations, gradients)
@@ -63,8 +66,10 @@ class Row:
 
     @property
     def overlaps_floor(self) -> bool:
-        """The ratio's spread over rounds reaches 1: not distinguishable from the floor."""
-        return self.method != "floor" and min(self.ratio) <= 1.0 <= max(self.ratio)
+        """Not distinguishable from the floor: the ratio's spread over rounds reaches 1, or lies
+        below 1 for a step that runs the teacher (it cannot be cheaper than the floor: noise)."""
+        low, high = min(self.ratio), max(self.ratio)
+        return self.method != "floor" and low <= 1.0 and (high >= 1.0 or self.needs_teacher)
 
     def to_dict(self, batch_size: int) -> dict[str, Any]:
         return {
@@ -132,7 +137,7 @@ def plan(recipe: Recipe, methods: list[str] | None) -> list[Row]:
                 same.append(preset)
         for cfg, names in groups:
             if wanted.get(name) is None or wanted[name] & set(names):
-                rows.append(Row(name, tuple(names), cfg == run_default))
+                rows.append(Row(name, tuple(names), cfg == run_default, cls.needs_teacher))
     return rows
 
 

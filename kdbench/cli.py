@@ -223,8 +223,10 @@ def bench(
 
     Presets with the same options are one row ('default = cirkd'); '*' marks what `kdbench run
     --method NAME` gets. Rows are interleaved over rounds; ratios to the floor are taken within each
-    round and shown as median [min-max]; '~' marks a ratio whose spread reaches 1. On a GPU the table also shows the
-    extra memory one step allocates. The loader line times the recipe's data with its workers.
+    round and shown as median [min-max]; '~' marks a ratio whose spread reaches 1, or lies below 1 for
+    a method that runs the teacher (noise: such a step cannot be cheaper than the floor). On a GPU
+    the table also shows the extra memory one step allocates. The loader line times the recipe's
+    data with its workers.
     """
     import json
     from pathlib import Path

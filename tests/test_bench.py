@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.bench import bench_recipe, plan
+from kdbench.bench import Row, bench_recipe, plan
 from kdbench.errors import UserError
 from kdbench.methods import registry
 
@@ -39,3 +39,17 @@ def test_presets_with_the_same_options_are_one_row_and_one_can_be_asked_for():
 def test_an_unknown_method_or_preset_is_one_clear_line(asked, message):
     with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
         plan(bench_recipe("tiny", []), asked)
+
+
+@pytest.mark.parametrize(
+    "row, flagged",
+    [
+        (Row("kd", ratio=[1.05, 1.10, 1.07]), False),  # clearly dearer than the floor
+        (Row("kd", ratio=[0.98, 1.04, 1.01]), True),  # the spread reaches 1
+        (Row("kd", ratio=[0.89, 0.92, 0.95]), True),  # below the floor in every round: noise, not a speed-up
+        (Row("none", needs_teacher=False, ratio=[0.71, 0.74, 0.76]), False),  # no teacher forward: truly cheaper
+        (Row("floor", ratio=[1.0, 1.0, 1.0]), False),
+    ],
+)
+def test_a_ratio_the_noise_could_explain_is_flagged(row, flagged):
+    assert row.overlaps_floor is flagged
