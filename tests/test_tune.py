@@ -4,8 +4,6 @@ and child runs, pruning, a failing trial, resuming, two processes on one SQLite 
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import mlflow
 import optuna
@@ -14,6 +12,7 @@ import pytest
 from kdbench.errors import UserError
 from kdbench.methods import registry
 from kdbench.tune import Param, parse_param
+from tests.cli_fork import ForkedCLI
 
 
 def test_declared_ranges_overrides_and_recipe_keys():
@@ -68,12 +67,25 @@ def test_every_declared_range_of_every_method_is_valid():
 # studies through the CLI
 
 
-def kdbench(*args, cwd, check=True):
-    env = {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    r = subprocess.run([sys.executable, "-m", "kdbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+    """The `kdbench` command line, warm: each command a forked child of one process that imported
+    torch, MLflow and Optuna once (tests/cli_fork.py), seconds faster than a fresh interpreter."""
+    cli = ForkedCLI(tmp_path_factory.mktemp("cli"))
+    yield cli
+    cli.close()
+
+
+@pytest.fixture
+def kdbench(forked):
+    def command(*args, cwd, check=True):
+        env = {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+        r = forked.run(args, cwd, env, 600)
+        if check:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    return command
 
 
 TINY = ["--recipe", "tiny", "--set", "train.iterations=4", "--quiet"]
@@ -87,7 +99,7 @@ def _study(path, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{path / 'kdbench-out' / 'optuna.db'}")
 
 
-def test_a_study_logs_prunes_resumes_and_reruns_its_best(workdir):
+def test_a_study_logs_prunes_resumes_and_reruns_its_best(workdir, kdbench):
     r = kdbench("tune", "--method", "attnfd", "--param", "alpha", "--trials", "4", *TINY, cwd=workdir)
     assert "study attnfd-tiny: 4 trials" in r.stdout and "kdbench run --recipe kdbench-out/attnfd-tiny-best.yaml" in r.stdout
     study = _study(workdir, "attnfd-tiny")
@@ -124,7 +136,7 @@ def test_a_study_logs_prunes_resumes_and_reruns_its_best(workdir):
     assert params["data.holdout_fraction"] == "0.0" and params["benchmark"] == "tiny" and params["train.iterations"] == "4"
 
 
-def test_a_failing_trial_does_not_stop_the_study(workdir):
+def test_a_failing_trial_does_not_stop_the_study(workdir, kdbench):
     # lr 1e30 blows the loss up: that trial fails with the reason, the other one completes
     kdbench("tune", "--method", "kd", "--param", "train.lr=0.01,1e30", "--sampler", "grid", "--pruner", "none", "--trials", "2", *TINY, cwd=workdir)
     study = _study(workdir, "kd-tiny")
@@ -134,7 +146,7 @@ def test_a_failing_trial_does_not_stop_the_study(workdir):
     assert len(failed) == 1 and "non-finite loss" in failed.iloc[0]["tags.error"]
 
 
-def test_two_processes_share_one_sqlite_study(workdir):
+def test_two_processes_share_one_sqlite_study(workdir, kdbench):
     kdbench("tune", "--method", "kd", "--param", "temperature", "--pruner", "none", "--trials", "4", "--n-jobs", "2", *TINY, cwd=workdir)
     study = _study(workdir, "kd-tiny")
     numbers = [t.number for t in study.trials]
