@@ -10,23 +10,37 @@
 #   voc_fp32_eager:  fp32 without CUDA graphs: the "fp32 eager floor" the bf16 floor is compared with
 #   voc_bf16_eager_profile: where AttnFD's and the discriminator presets' time over the floor goes
 #                    (their 60 costliest operations, device time, eager: a graph's replay hides them)
-# Usage: bash results/gpu_bench.sh OUT_DIR   (JSON per table in OUT_DIR; the tables on stdout)
+# Usage: bash results/gpu_bench.sh OUT_DIR [TABLE ...]   (default: every table, in the order above;
+#        JSON per table in OUT_DIR, the tables on stdout). Naming tables splits the work across
+#        commands, e.g. under a 10-minute limit per command: voc_bf16 first, the rest in a second.
 # Correctness of the graphed (and compiled) steps on the same GPU: python3 -m pytest -q tests/test_cuda_graphs.py
-# The lines run in the order they matter (the issue's targets first), so a GPU session that runs out
-# of time still has the first tables. Presets with the same options are one row ("default = cirkd").
+# The tables run in the order they matter (the issue's targets first), so a GPU session that runs out
+# of time still has the first ones. Presets with the same options are one row ("default = cirkd").
 set -uo pipefail
 out=${1:-results/gpu}
+shift $(( $# > 0 ? 1 : 0 ))
+tables=${*:-voc_bf16 voc_bf16_compile_method cirkd_bf16 voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile}
 mkdir -p "$out"
 all="-m kd -m cwd -m skd -m ifvd -m attnfd"
+targets="-m attnfd:default -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 bench="python3 -m kdbench bench --device cuda --loader-batches 0"
-$bench --recipe voc_r101_r18 $all --precision bf16 --json "$out/voc_bf16.json"
-$bench --recipe voc_r101_r18 -m attnfd -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd --precision bf16 --set runtime.compile_method=true \
-    --json "$out/voc_bf16_compile_method.json"
-$bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd -m skd -m attnfd \
-    --precision bf16 --steps 3 --rounds 3 --warmup 3 --json "$out/cirkd_bf16.json"
-$bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_bf16_eager.json"
-$bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --rounds 3 --json "$out/voc_fp32_eager.json"
-$bench --recipe voc_r101_r18 -m attnfd:default -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd --precision bf16 \
-    --set runtime.cuda_graphs=false --rounds 1 --profile 60 --json "$out/voc_bf16_eager_profile.json"
+for table in $tables; do
+    case $table in
+    voc_bf16) $bench --recipe voc_r101_r18 $all --precision bf16 --json "$out/$table.json" ;;
+    voc_bf16_compile_method)
+        $bench --recipe voc_r101_r18 -m attnfd $targets --precision bf16 --set runtime.compile_method=true --json "$out/$table.json" ;;
+    cirkd_bf16)
+        $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd -m skd -m attnfd \
+            --precision bf16 --steps 3 --rounds 3 --warmup 3 --json "$out/$table.json" ;;
+    voc_bf16_eager)
+        $bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --rounds 3 --json "$out/$table.json" ;;
+    voc_fp32_eager)
+        $bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --rounds 3 --json "$out/$table.json" ;;
+    voc_bf16_eager_profile)
+        $bench --recipe voc_r101_r18 $targets --precision bf16 --set runtime.cuda_graphs=false --rounds 1 --profile 60 \
+            --json "$out/$table.json" ;;
+    *) echo "gpu_bench.sh: no table $table (voc_bf16, voc_bf16_compile_method, cirkd_bf16, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile)" >&2; exit 2 ;;
+    esac
+done
