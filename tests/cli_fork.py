@@ -11,6 +11,7 @@ runs a torch op, so the children start with torch's thread pools untouched.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -80,6 +81,11 @@ while not closed:
         out.write(json.dumps({"id": running.pop(pid), "rc": os.waitstatus_to_exitcode(status)}) + "\n")
         out.flush()
 """
+
+
+def store_env(cwd: Path) -> dict[str, str]:
+    """This process's environment with a command's own teacher cache and MLflow store under ``cwd``."""
+    return {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
 
 
 @dataclass

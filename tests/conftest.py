@@ -28,3 +28,14 @@ def shared_workdir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, path)
         yield path
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+    """The `kdbench` command line, warm: each command a forked child of one process that imported
+    torch, MLflow and Optuna once (tests/cli_fork.py), seconds faster than a fresh interpreter."""
+    from tests.cli_fork import ForkedCLI
+
+    cli = ForkedCLI(tmp_path_factory.mktemp("cli"))
+    yield cli
+    cli.close()

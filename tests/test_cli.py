@@ -9,29 +9,18 @@ import sys
 import pytest
 
 from kdbench.recipe import load_recipe
-from tests.cli_fork import ForkedCLI
-
-
-@pytest.fixture(scope="module")
-def forked(tmp_path_factory):
-    cli = ForkedCLI(tmp_path_factory.mktemp("cli"))
-    yield cli
-    cli.close()
-
-
-def _env(cwd):
-    return {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+from tests.cli_fork import store_env
 
 
 def kdbench(*args, cwd, env=None):
     """`python -m kdbench.cli ARGS` as a user types it (the tests below that need no fresh
     interpreter use the warm, forked `cli` fixture instead: the same entry point, seconds faster)."""
-    return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env or _env(cwd), capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env or store_env(cwd), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
 def cli(forked):
-    return lambda *args, cwd: forked.run(args, cwd, _env(cwd), 300)
+    return lambda *args, cwd: forked.run(args, cwd, store_env(cwd), 300)
 
 
 def test_a_run_writes_nothing_outside_its_output_root(tmp_path):

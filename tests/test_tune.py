@@ -3,7 +3,6 @@ and child runs, pruning, a failing trial, resuming, two processes on one SQLite 
 `run --from-study`."""
 
 import dataclasses
-import os
 
 import mlflow
 import optuna
@@ -12,7 +11,7 @@ import pytest
 from kdbench.errors import UserError
 from kdbench.methods import registry
 from kdbench.tune import Param, parse_param
-from tests.cli_fork import ForkedCLI
+from tests.cli_fork import store_env
 
 
 def test_declared_ranges_overrides_and_recipe_keys():
@@ -67,20 +66,10 @@ def test_every_declared_range_of_every_method_is_valid():
 # studies through the CLI
 
 
-@pytest.fixture(scope="module")
-def forked(tmp_path_factory):
-    """The `kdbench` command line, warm: each command a forked child of one process that imported
-    torch, MLflow and Optuna once (tests/cli_fork.py), seconds faster than a fresh interpreter."""
-    cli = ForkedCLI(tmp_path_factory.mktemp("cli"))
-    yield cli
-    cli.close()
-
-
 @pytest.fixture
 def kdbench(forked):
     def command(*args, cwd, check=True):
-        env = {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-        r = forked.run(args, cwd, env, 600)
+        r = forked.run(args, cwd, store_env(cwd), 600)
         if check:
             assert r.returncode == 0, r.stderr
         return r
