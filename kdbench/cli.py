@@ -31,7 +31,9 @@ def _flags_without_a_type() -> None:
     show none for flags."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:  # older typer (the GPU machines' 0.2x) has no such hook: nothing to change
+        return
     TyperOption.display_type_rich = lambda self, ctx: None if getattr(self, "is_flag", False) else shown(self, ctx)
 
 

@@ -312,6 +312,12 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
     return setting  # type: ignore[return-value]
 
 
+def on_a_gpu(setting: bool | str, device: torch.device) -> bool:
+    """A speed setting whose ``auto`` means on a GPU only (channels_last, compile_method): on a CPU
+    they would change the committed results in their last digits."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def make_runtime(cfg: Any) -> Runtime:
     """The runtime of a recipe's ``runtime:`` section in this process; joins torchrun's process group."""
     rank, world, local_rank, local_world = process_env()
@@ -324,13 +330,12 @@ def make_runtime(cfg: Any) -> Runtime:
         raise UserError("runtime.sync_batchnorm: SyncBatchNorm needs CUDA (it has no CPU implementation); set it to false")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    channels_last = device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
     return Runtime(
         device=device,
         precision=resolve_precision(cfg.precision, device),
         compile=cfg.compile,
-        compile_method=cfg.compile_method,
-        channels_last=channels_last,
+        compile_method=on_a_gpu(cfg.compile_method, device),
+        channels_last=on_a_gpu(cfg.channels_last, device),
         sync_batchnorm=cfg.sync_batchnorm,
         cuda_graphs=cfg.cuda_graphs and device.type == "cuda",
         rank=rank,

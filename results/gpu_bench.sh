@@ -2,10 +2,12 @@
 # The GPU step-time tables of the README: `kdbench bench` on AttnFD's VOC shapes (DeepLabV3+ R101 ->
 # R18, OS16, batch 6, crop 513) and CIRKD's Cityscapes shapes (DeepLabV3 R101 -> R18, OS8, batch 8
 # per GPU, crop 512x1024). Random tensors and random init: no dataset, no teacher.
-#   voc_bf16:        every method and preset, bf16, each step one CUDA graph (the defaults)
-#   voc_bf16_compile_method: AttnFD and the discriminator presets, with runtime.compile_method
-#                    (the method's forward compiled, inside the step graph)
-#   cirkd_bf16:      CIRKD's shapes, bf16, CUDA graphs
+#   voc_bf16:        the issue's target rows (kd, cwd paper, every AttnFD preset, the three discriminator
+#                    presets), bf16, the defaults: each step one CUDA graph, the method's forward
+#                    compiled (runtime.compile_method: auto). Inductor takes tens of seconds per row first
+#   cirkd_bf16:      CIRKD's shapes, bf16, the defaults
+#   voc_bf16_others: the other VOC presets, the defaults
+#   voc_bf16_no_compile_method: every VOC row with runtime.compile_method=false (what compiling saves)
 #   voc_bf16_eager:  VOC without CUDA graphs (runtime.cuda_graphs=false), to see what they save
 #   voc_fp32_eager:  fp32 without CUDA graphs: the "fp32 eager floor" the bf16 floor is compared with
 #   voc_bf16_eager_profile: where AttnFD's and the discriminator presets' time over the floor goes
@@ -13,34 +15,42 @@
 # Usage: bash results/gpu_bench.sh OUT_DIR [TABLE ...]   (default: every table, in the order above;
 #        JSON per table in OUT_DIR, the tables on stdout). Naming tables splits the work across
 #        commands, e.g. under a 10-minute limit per command: voc_bf16 first, the rest in a second.
+# On a bare GPU machine install kdbench first (methods/ imports as kdbench.methods only through the
+# install; MLflow and Optuna are not needed): python3 -m pip install --no-deps --no-build-isolation -e .
 # Correctness of the graphed (and compiled) steps on the same GPU: python3 -m pytest -q tests/test_cuda_graphs.py
 # The tables run in the order they matter (the issue's targets first), so a GPU session that runs out
 # of time still has the first ones. Presets with the same options are one row ("default = cirkd").
 set -uo pipefail
 out=${1:-results/gpu}
 shift $(( $# > 0 ? 1 : 0 ))
-tables=${*:-voc_bf16 voc_bf16_compile_method cirkd_bf16 voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile}
+tables=${*:-voc_bf16 cirkd_bf16 voc_bf16_others voc_bf16_no_compile_method voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile}
 mkdir -p "$out"
 all="-m kd -m cwd -m skd -m ifvd -m attnfd"
 targets="-m attnfd:default -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd"
+if ! python3 -c "import kdbench.methods" 2>/dev/null; then
+    echo "gpu_bench.sh: kdbench is not installed here; run: python3 -m pip install --no-deps --no-build-isolation -e ." >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 bench="python3 -m kdbench bench --device cuda --loader-batches 0"
 for table in $tables; do
     case $table in
-    voc_bf16) $bench --recipe voc_r101_r18 $all --precision bf16 --json "$out/$table.json" ;;
-    voc_bf16_compile_method)
-        $bench --recipe voc_r101_r18 -m attnfd $targets --precision bf16 --set runtime.compile_method=true --json "$out/$table.json" ;;
+    voc_bf16) $bench --recipe voc_r101_r18 -m kd -m cwd:paper -m attnfd $targets --precision bf16 --json "$out/$table.json" ;;
     cirkd_bf16)
-        $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd -m skd -m attnfd \
+        $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd:paper -m attnfd:default $targets \
             --precision bf16 --steps 3 --rounds 3 --warmup 3 --json "$out/$table.json" ;;
+    voc_bf16_others)
+        $bench --recipe voc_r101_r18 -m cwd:mmrazor -m skd:paper -m skd:pure -m ifvd:paper -m ifvd:pure --precision bf16 --json "$out/$table.json" ;;
+    voc_bf16_no_compile_method)
+        $bench --recipe voc_r101_r18 $all --precision bf16 --set runtime.compile_method=false --json "$out/$table.json" ;;
     voc_bf16_eager)
-        $bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --rounds 3 --json "$out/$table.json" ;;
+        $bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 3 --json "$out/$table.json" ;;
     voc_fp32_eager)
-        $bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --rounds 3 --json "$out/$table.json" ;;
+        $bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 3 --json "$out/$table.json" ;;
     voc_bf16_eager_profile)
-        $bench --recipe voc_r101_r18 $targets --precision bf16 --set runtime.cuda_graphs=false --rounds 1 --profile 60 \
+        $bench --recipe voc_r101_r18 $targets --precision bf16 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 1 --steps 2 --warmup 2 --profile 60 \
             --json "$out/$table.json" ;;
-    *) echo "gpu_bench.sh: no table $table (voc_bf16, voc_bf16_compile_method, cirkd_bf16, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile)" >&2; exit 2 ;;
+    *) echo "gpu_bench.sh: no table $table (voc_bf16, cirkd_bf16, voc_bf16_others, voc_bf16_no_compile_method, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile)" >&2; exit 2 ;;
     esac
 done

@@ -110,9 +110,11 @@ def test_help_version_and_methods(cli, tmp_path):
 
 
 def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
-    """A GPU machine may lack MLflow and Optuna: bench must not import them."""
+    """A GPU machine may lack MLflow and Optuna: bench must not import them. Its typer may be older
+    (0.27 on the lent H100s, without the hook the CLI uses to hide flags' types)."""
     code = (
         "import sys; sys.modules['mlflow'] = None; sys.modules['optuna'] = None; "
+        "import typer.core as t; [delattr(k, 'display_type_rich') for k in t.TyperOption.__mro__ if 'display_type_rich' in vars(k)]; "
         "sys.argv = ['kdbench'] + sys.argv[1:]; from kdbench.cli import main; main()"
     )
     args = ["bench", "--recipe", "tiny", "--steps", "1", "--rounds", "3", "--warmup", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "-m", "skd:pure"]

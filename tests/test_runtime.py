@@ -17,7 +17,7 @@ from kdbench.methods.ifvd import ifv_loss
 from kdbench.methods.kd import kd_loss
 from kdbench.methods.skd import pairwise_loss, soft_cross_entropy
 from kdbench.recipe import RuntimeConfig, load_recipe
-from kdbench.runtime import Runtime, make_runtime, resolve_device, resolve_precision
+from kdbench.runtime import Runtime, make_runtime, on_a_gpu, resolve_device, resolve_precision
 
 from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet, build
 
@@ -26,9 +26,14 @@ def test_device_and_precision_resolution_on_a_cpu():
     rt = make_runtime(RuntimeConfig())
     assert rt.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        assert rt.precision == "fp32" and not rt.channels_last and not rt.cuda_graphs
+        assert rt.precision == "fp32" and not rt.channels_last and not rt.cuda_graphs and not rt.compile_method
         assert rt.loader_workers("auto") == 0 and rt.loader_workers(3) == 3
     assert resolve_device("cpu") == torch.device("cpu")
+    # channels_last and compile_method: auto is on a GPU only; an explicit value holds anywhere
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [on_a_gpu("auto", cpu), on_a_gpu("auto", gpu)] == [False, True]
+    assert [on_a_gpu(True, cpu), on_a_gpu(False, gpu)] == [True, False]
+    assert make_runtime(load_recipe("tiny", ["runtime.compile_method=true"]).runtime).compile_method
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="runtime.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
