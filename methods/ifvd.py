@@ -57,27 +57,30 @@ def class_similarity_map(
     """(M, valid): cosine of each pixel's feature to its image's class prototype (B x h*w), and which
     pixels carry a class label. ``labels`` is B x h x w at the feature's size.
 
-    ``onehot`` (default: on a GPU) takes the class sums and each pixel's prototype as products with
-    a B x N x (K+1) one-hot matrix. On a GPU, scatter_add (and gather's backward) are atomic adds of
-    N pixels into K+1 bins per channel: slow under that contention (2 ms of an H100 IFVD step) and a
-    different rounding each run. On a CPU they are sequential, several times faster than the
-    products here, and the sums' rounding stays what the embedded benchmark's results were made with."""
+    ``onehot`` (default: on a GPU) takes the class sums as a product with a B x N x (K+1) one-hot
+    matrix, and each pixel's cosine from its dot products with the K+1 prototypes (B x (K+1) x N),
+    never building the B x C x N map of each pixel's prototype. On a GPU, scatter_add (and gather's
+    backward) are atomic adds of N pixels into K+1 bins per channel: slow under that contention
+    (2 ms of an H100 IFVD step) and a different rounding each run. On a CPU the scatter route keeps
+    the rounding the embedded benchmark's results were made with."""
     b, c = f.shape[:2]
     feats = f.flatten(2)  # B x C x N
     lab = labels.reshape(b, 1, -1)
     valid = (lab >= 0) & (lab < num_classes)
     bins = torch.where(valid, lab, num_classes)  # unlabelled pixels go to an extra bin
     use_onehot = f.is_cuda if onehot is None else onehot
-    if use_onehot:
+    if use_onehot:  # cos = f . c / (max(|f|, eps) max(|c|, eps)), as F.cosine_similarity (eps 1e-8)
         members = F.one_hot(bins[:, 0], num_classes + 1).to(feats.dtype)  # B x N x (K+1)
         protos = (feats @ members) / (members.sum(dim=1, keepdim=True) + 1e-6)  # B x C x (K+1)
-        center = protos @ members.transpose(1, 2)  # each pixel's prototype, B x C x N
-    else:
-        idx = bins.expand(b, c, -1)
-        sums = feats.new_zeros(b, c, num_classes + 1).scatter_add_(2, idx, feats)
-        counts = feats.new_zeros(b, 1, num_classes + 1).scatter_add_(2, idx[:, :1], torch.ones_like(feats[:, :1]))
-        protos = sums / (counts + 1e-6)  # B x C x (K+1)
-        center = protos.gather(2, idx)
+        dots = (protos.transpose(1, 2) @ feats).gather(1, bins)[:, 0]  # each pixel . its prototype, B x N
+        norm_f = feats.norm(dim=1).clamp_min(1e-8)
+        norm_c = protos.norm(dim=1).clamp_min(1e-8).gather(1, bins[:, 0])
+        return dots / (norm_f * norm_c), valid[:, 0]
+    idx = bins.expand(b, c, -1)
+    sums = feats.new_zeros(b, c, num_classes + 1).scatter_add_(2, idx, feats)
+    counts = feats.new_zeros(b, 1, num_classes + 1).scatter_add_(2, idx[:, :1], torch.ones_like(feats[:, :1]))
+    protos = sums / (counts + 1e-6)  # B x C x (K+1)
+    center = protos.gather(2, idx)  # each pixel's prototype, B x C x N
     return F.cosine_similarity(feats, center, dim=1), valid[:, 0]
 
 

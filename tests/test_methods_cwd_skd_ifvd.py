@@ -235,9 +235,11 @@ def test_ifv_prototypes_are_per_image_and_absent_classes_are_harmless():
 
 def test_class_prototypes_by_one_hot_products_are_the_scatter_sums():
     # the GPU route (one-hot matrix products) against the by-hand-checked CPU route (scatter_add,
-    # gather), in float64: unlabelled pixels (-1), a class present in one image only, absent classes
+    # gather), in float64: unlabelled pixels (-1), a class present in one image only, absent classes,
+    # a pixel whose feature is zero (the eps of cosine similarity)
     torch.manual_seed(0)
     f0 = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    f0[0, :, 1, 1] = 0
     labels = torch.randint(-1, 3, (2, 4, 5))
     labels[1][labels[1] == 2] = 0
     out, grads = [], []
