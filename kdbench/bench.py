@@ -44,6 +44,8 @@ class Row:
     runs_by_default: bool = False
     #: the step runs the teacher's forward (all but the plain student), so it cannot beat the floor
     needs_teacher: bool = True
+    #: the method's resolved options (every preset in ``presets`` gives these); None for the floor
+    config: Any = field(default=None, repr=False)
     ms: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)
     #: peak memory a step allocates beyond what was resident before it (activations, gradients)
@@ -137,7 +139,7 @@ def plan(recipe: Recipe, methods: list[str] | None) -> list[Row]:
                 same.append(preset)
         for cfg, names in groups:
             if wanted.get(name) is None or wanted[name] & set(names):
-                rows.append(Row(name, tuple(names), cfg == run_default, cls.needs_teacher))
+                rows.append(Row(name, tuple(names), cfg == run_default, cls.needs_teacher, config=cfg))
     return rows
 
 
@@ -189,9 +191,8 @@ def benchmark(
     with make_progress(enabled=not quiet, transient=True) as bar:
         task = bar.add_task("building and warming up", total=len(rows))
         for row in rows:
-            name, cfg, teacher = row.method, None, _teacher_for(recipe, {}, k, teachers)
+            name, cfg, teacher = row.method, row.config, _teacher_for(recipe, {}, k, teachers)
             if row.presets:
-                cfg = per_method_config(recipe, name, row.presets[0])
                 cls = registry()[name]
                 teacher = _teacher_for(recipe, cls.teacher_requirements(cfg), k, teachers) if cls.needs_teacher else None
             torch.manual_seed(recipe.seed)

@@ -12,6 +12,7 @@ import mlflow
 import torch
 
 from kdbench.recipe import load_recipe
+from tests.cli_fork import store_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,9 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _env(cwd: Path) -> dict[str, str]:
     (cwd / "tmp").mkdir(exist_ok=True)  # torchrun's torchelastic_* folders: gone with tmp_path, not left in /tmp
     return {
-        **os.environ,
-        "KDBENCH_CACHE": str(cwd / "cache"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+        **store_env(cwd),
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "TMPDIR": str(cwd / "tmp"),
