@@ -10,8 +10,10 @@
 #   voc_bf16_no_compile_method: every VOC row with runtime.compile_method=false (what compiling saves)
 #   voc_bf16_eager:  VOC without CUDA graphs (runtime.cuda_graphs=false), to see what they save
 #   voc_fp32_eager:  fp32 without CUDA graphs: the "fp32 eager floor" the bf16 floor is compared with
-#   voc_bf16_eager_profile: where AttnFD's and the discriminator presets' time over the floor goes
-#                    (their 60 costliest operations, device time, eager: a graph's replay hides them)
+#   voc_bf16_compiled_profile: where the compiled target rows' time over the floor goes (their 60
+#                    costliest operations, device time; no CUDA graphs, whose replay hides them): the
+#                    fused Triton kernels, named by the operations inductor fused into each
+#   voc_bf16_eager_profile: the same without compiling the method (aten operations by name)
 # Usage: bash results/gpu_bench.sh OUT_DIR [TABLE ...]   (default: every table, in the order above;
 #        JSON per table in OUT_DIR, the tables on stdout). Naming tables splits the work across
 #        commands, e.g. under a 10-minute limit per command: voc_bf16 first, the rest in a second.
@@ -23,7 +25,7 @@
 set -uo pipefail
 out=${1:-results/gpu}
 shift $(( $# > 0 ? 1 : 0 ))
-tables=${*:-voc_bf16 cirkd_bf16 voc_bf16_others voc_bf16_no_compile_method voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile}
+tables=${*:-voc_bf16 voc_bf16_compiled_profile cirkd_bf16 voc_bf16_others voc_bf16_no_compile_method voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile}
 mkdir -p "$out"
 all="-m kd -m cwd -m skd -m ifvd -m attnfd"
 targets="-m attnfd:default -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd"
@@ -48,9 +50,12 @@ for table in $tables; do
         $bench --recipe voc_r101_r18 -m kd -m attnfd -m cwd --precision bf16 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 3 --json "$out/$table.json" ;;
     voc_fp32_eager)
         $bench --recipe voc_r101_r18 -m kd --precision fp32 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 3 --json "$out/$table.json" ;;
+    voc_bf16_compiled_profile)
+        $bench --recipe voc_r101_r18 -m attnfd $targets --precision bf16 --set runtime.cuda_graphs=false --set runtime.compile_method=true --rounds 1 --steps 2 --warmup 2 --profile 60 \
+            --json "$out/$table.json" ;;
     voc_bf16_eager_profile)
         $bench --recipe voc_r101_r18 $targets --precision bf16 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 1 --steps 2 --warmup 2 --profile 60 \
             --json "$out/$table.json" ;;
-    *) echo "gpu_bench.sh: no table $table (voc_bf16, cirkd_bf16, voc_bf16_others, voc_bf16_no_compile_method, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile)" >&2; exit 2 ;;
+    *) echo "gpu_bench.sh: no table $table (voc_bf16, voc_bf16_compiled_profile, cirkd_bf16, voc_bf16_others, voc_bf16_no_compile_method, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile)" >&2; exit 2 ;;
     esac
 done
