@@ -367,17 +367,49 @@ def predict(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = 
     return probs
 
 
+def image_sizes(dataset: Dataset) -> list[tuple[int, int]] | None:
+    """Each image's stored (H, W), for a dataset that can tell them without decoding (VOC layout);
+    None for one that cannot (Cityscapes: every image 1024 x 2048)."""
+    if isinstance(dataset, Subset):
+        sizes = image_sizes(dataset.dataset)
+        return None if sizes is None else [sizes[i] for i in dataset.indices]
+    size = getattr(dataset, "image_size", None)
+    return None if size is None else [size(i) for i in range(len(dataset))]
+
+
+class SizeBatches(Sampler[list[int]]):
+    """Batches of up to ``batch_size`` images that share one size, sizes in the order they first
+    appear. VOC's images come in many sizes; batched by size they need no padding, so each image's
+    prediction is the one it gets alone, and a GPU evaluates several per launch instead of one."""
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int) -> None:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(sizes):
+            groups.setdefault(size, []).append(index)
+        self.batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def eval_loader(dataset: Dataset, cfg: EvalConfig, rt: Runtime | None = None, workers: int = 0) -> DataLoader:
-    """This process's share of a split (every W-th image), kept for the whole run."""
+    """This process's share of a split (every W-th image), kept for the whole run; with a batch size
+    above one, images of one size per batch (``SizeBatches``)."""
     rt = rt or Runtime()
     part = Subset(dataset, range(rt.rank, len(dataset), rt.world_size)) if rt.distributed else dataset
+    sizes = image_sizes(part) if cfg.batch_size > 1 else None
+    batching: dict[str, Any] = {"batch_size": cfg.batch_size, "shuffle": False}
+    if sizes is not None:
+        batching = {"batch_sampler": SizeBatches(sizes, cfg.batch_size)}
     # an own generator: a loader draws its workers' seed when iterated, from the global RNG (dropout's)
     # if it has none; a persistent loader draws once per run, a new one once per evaluation, so a
     # resumed run would draw a different number of times than an uninterrupted one
     return DataLoader(
         part,
-        batch_size=cfg.batch_size,
-        shuffle=False,
+        **batching,
         num_workers=workers,
         pin_memory=rt.cuda,
         persistent_workers=workers > 0,
@@ -393,11 +425,12 @@ def evaluate(
     cfg: EvalConfig,
     progress: bool = False,
     rt: Runtime | None = None,
-    on_batch: Callable[[torch.Tensor], None] | None = None,
+    on_batch: Callable[[torch.Tensor, list[int]], None] | None = None,
 ) -> tuple[SegMetrics, torch.Tensor]:
     """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole split,
     accumulated on the device and summed over processes. ``on_batch`` gets each batch's predicted
-    class ids (B x H x W, on the device), in the loader's order (``kdbench eval`` writes them)."""
+    class ids (B x H x W, on the device) and their images' indices in the loader's dataset
+    (``kdbench eval`` writes them)."""
     rt = rt or Runtime()
     loader = data if isinstance(data, DataLoader) else eval_loader(data, cfg, rt)
     was_training = model.training
@@ -408,13 +441,13 @@ def evaluate(
     try:
         with make_progress(enabled=progress, transient=True) as bar:
             task = bar.add_task("evaluating", total=len(loader))
-            for images, target in loader:
+            for (images, target), indices in zip(loader, loader.batch_sampler):
                 images, target = rt.to_device(images, target)
                 with rt.autocast():
                     pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
                 cm += confusion_matrix(pred, target, num_classes, IGNORE)
                 if on_batch is not None:
-                    on_batch(pred)
+                    on_batch(pred, list(indices))
                 bar.advance(task)
                 fault_point("eval")
     finally:

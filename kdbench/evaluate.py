@@ -308,7 +308,7 @@ def _prediction_folder(folder: str | Path | None) -> Path | None:
 class PaletteWriter:
     """Writes the predicted class ids of each image of a split as a PNG in mode "P" (pixel value =
     class id, ``colors`` the palette), named after the image id (``<id>.png``), else its index;
-    ``engine.evaluate`` calls it with every batch, in the split's order."""
+    ``engine.evaluate`` calls it with every batch and its images' indices in the split."""
 
     def __init__(self, folder: Path, dataset: Any, colors: list[int]) -> None:
         ids = getattr(dataset, "ids", None)
@@ -316,13 +316,13 @@ class PaletteWriter:
         self.folder, self.colors = folder, colors
         self.written: list[Path] = []
 
-    def __call__(self, pred: torch.Tensor) -> None:
+    def __call__(self, pred: torch.Tensor, indices: list[int]) -> None:
         from PIL import Image
 
-        for label_map in pred.to(torch.uint8).cpu().numpy():
+        for label_map, index in zip(pred.to(torch.uint8).cpu().numpy(), indices, strict=True):
             png = Image.fromarray(label_map)
             png.putpalette(self.colors)
-            self.written.append(self.folder / f"{Path(str(self.names[len(self.written)])).name}.png")
+            self.written.append(self.folder / f"{Path(str(self.names[index])).name}.png")
             png.save(self.written[-1])
 
 

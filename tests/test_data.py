@@ -97,6 +97,46 @@ def test_voc_accepts_png_images_and_pair_lines(tmp_path: Path) -> None:
     assert ds.ids == ["a"] and ds.images[0].name == "a.png"
 
 
+def test_size_batches_group_images_of_one_size_in_order_of_appearance() -> None:
+    from kdbench.engine import SizeBatches
+
+    sizes = [(2, 3), (4, 5), (2, 3), (2, 3), (4, 5), (6, 6), (2, 3)]
+    assert list(SizeBatches(sizes, 2)) == [[0, 2], [3, 6], [1, 4], [5]]
+    assert list(SizeBatches(sizes, 3)) == [[0, 2, 3], [6], [1, 4], [5]] and len(SizeBatches(sizes, 3)) == 4
+
+
+def test_voc_val_of_many_sizes_evaluates_in_batches_with_the_metric_of_one_at_a_time(tmp_path: Path) -> None:
+    """VOC's val images differ in size: a batch holds images of one size (read from the file
+    headers), the confusion matrix is the one of a batch of one, and each prediction is written
+    under its own image's id."""
+    from kdbench.engine import eval_loader, evaluate
+    from kdbench.evaluate import PaletteWriter
+    from kdbench.models import build_model
+    from kdbench.recipe import EvalConfig, load_recipe
+
+    root = make_voc(tmp_path, ["a"], ["v0", "v1", "v2", "v3", "v4"])
+    sizes = {"v0": (20, 30), "v1": (24, 16), "v2": (20, 30), "v3": (24, 16), "v4": (24, 16)}
+    for n, (i, (h, w)) in enumerate(sizes.items()):
+        _write_image(root / "JPEGImages" / f"{i}.jpg", h, w, 50 + n)
+        _write_label(root / "SegmentationClass" / f"{i}.png", _voc_label(1 + n, h, w))
+    val = VOCSegmentation(root, "val", eval_transform())
+    torch.manual_seed(0)
+    model = build_model(load_recipe("tiny").student, 21).eval()
+
+    loader = eval_loader(val, EvalConfig(batch_size=2))
+    batches = [(images.shape[-2:], target.shape[0]) for images, target in loader]
+    assert batches == [((20, 30), 2), ((24, 16), 2), ((24, 16), 1)]
+    writer = PaletteWriter(tmp_path / "pred", val, [0] * 768)
+    (tmp_path / "pred").mkdir()
+    metrics, cm = evaluate(model, loader, 21, EvalConfig(batch_size=2), on_batch=writer)
+    _, one = evaluate(model, val, 21, EvalConfig(batch_size=1))
+    assert torch.equal(cm, one) and int(cm.sum()) == sum(h * (w - 1) for h, w in sizes.values())  # column 0: ignore
+    for path in writer.written:
+        with Image.open(path) as png:
+            assert (png.height, png.width) == sizes[path.stem], path.name
+    assert sorted(p.stem for p in writer.written) == sorted(sizes)
+
+
 def test_voc_errors_name_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no folder .*KDBENCH_VOC_ROOT"):
         VOCSegmentation(tmp_path / "nowhere", "train", None)

@@ -56,11 +56,13 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
-def _open(path: Path) -> Image.Image:
-    """The image at ``path``, read now: a file PIL cannot read is a UserError naming it."""
+def _open(path: Path, decode: bool = True) -> Image.Image:
+    """The image at ``path``, read now (``decode`` False: its header only): a file PIL cannot read
+    is a UserError naming it."""
     try:
         image = Image.open(path)
-        image.load()
+        if decode:
+            image.load()
         return image
     except (OSError, ValueError, SyntaxError) as err:  # UnidentifiedImageError, truncated or broken files
         raise UserError(f"VOC: {path} is not an image PIL can read ({type(err).__name__}); replace it or drop its id from the split list") from None
@@ -130,6 +132,11 @@ class VOCSegmentation(Dataset):
         if self.transform is None:
             return image, mask
         return self.transform(image, mask)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of image ``index`` as stored, from its file header (nothing decoded)."""
+        with _open(self.images[index], decode=False) as image:
+            return image.height, image.width
 
     def read(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """Image and mask ``index``, checked: a file that is no image, a mask of another size or with
