@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,14 +367,14 @@ def predict(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = 
     return probs
 
 
-def image_sizes(dataset: Dataset) -> list[tuple[int, int]] | None:
-    """Each image's stored (H, W), for a dataset that can tell them without decoding (VOC layout);
-    None for one that cannot (Cityscapes: every image 1024 x 2048)."""
+def image_sizes(dataset: Dataset, indices: Sequence[int] | None = None) -> list[tuple[int, int]] | None:
+    """The stored (H, W) of each image (of those at ``indices``), for a dataset that can tell them
+    without decoding (VOC layout); None for one that cannot (Cityscapes: every image 1024 x 2048)."""
+    indices = range(len(dataset)) if indices is None else indices
     if isinstance(dataset, Subset):
-        sizes = image_sizes(dataset.dataset)
-        return None if sizes is None else [sizes[i] for i in dataset.indices]
+        return image_sizes(dataset.dataset, [dataset.indices[i] for i in indices])
     size = getattr(dataset, "image_size", None)
-    return None if size is None else [size(i) for i in range(len(dataset))]
+    return None if size is None else [size(i) for i in indices]
 
 
 class SizeBatches(Sampler[list[int]]):

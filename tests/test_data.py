@@ -126,6 +126,8 @@ def test_voc_val_of_many_sizes_evaluates_in_batches_with_the_metric_of_one_at_a_
     loader = eval_loader(val, EvalConfig(batch_size=2))
     batches = [(images.shape[-2:], target.shape[0]) for images, target in loader]
     assert batches == [((20, 30), 2), ((24, 16), 2), ((24, 16), 1)]
+    part = [(images.shape[-2:], target.shape[0]) for images, target in eval_loader(Subset(val, [1, 3, 0]), EvalConfig(batch_size=2))]
+    assert part == [((24, 16), 2), ((20, 30), 1)]  # a part of a split (the held-out one, a process's share)
     writer = PaletteWriter(tmp_path / "pred", val, [0] * 768)
     (tmp_path / "pred").mkdir()
     metrics, cm = evaluate(model, loader, 21, EvalConfig(batch_size=2), on_batch=writer)
