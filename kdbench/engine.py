@@ -401,9 +401,9 @@ def eval_loader(dataset: Dataset, cfg: EvalConfig, rt: Runtime | None = None, wo
     rt = rt or Runtime()
     part = Subset(dataset, range(rt.rank, len(dataset), rt.world_size)) if rt.distributed else dataset
     sizes = image_sizes(part) if cfg.batch_size > 1 else None
-    batching: dict[str, Any] = {"batch_size": cfg.batch_size, "shuffle": False}
-    if sizes is not None:
-        batching = {"batch_sampler": SizeBatches(sizes, cfg.batch_size)}
+    batching: dict[str, Any] = (
+        {"batch_size": cfg.batch_size, "shuffle": False} if sizes is None else {"batch_sampler": SizeBatches(sizes, cfg.batch_size)}
+    )
     # an own generator: a loader draws its workers' seed when iterated, from the global RNG (dropout's)
     # if it has none; a persistent loader draws once per run, a new one once per evaluation, so a
     # resumed run would draw a different number of times than an uninterrupted one

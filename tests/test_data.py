@@ -130,7 +130,7 @@ def test_voc_val_of_many_sizes_evaluates_in_batches_with_the_metric_of_one_at_a_
     assert part == [((24, 16), 2), ((20, 30), 1)]  # a part of a split (the held-out one, a process's share)
     writer = PaletteWriter(tmp_path / "pred", val, [0] * 768)
     (tmp_path / "pred").mkdir()
-    metrics, cm = evaluate(model, loader, 21, EvalConfig(batch_size=2), on_batch=writer)
+    _, cm = evaluate(model, loader, 21, EvalConfig(batch_size=2), on_batch=writer)
     _, one = evaluate(model, val, 21, EvalConfig(batch_size=1))
     assert torch.equal(cm, one) and int(cm.sum()) == sum(h * (w - 1) for h, w in sizes.values())  # column 0: ignore
     for path in writer.written:
