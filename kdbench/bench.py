@@ -10,6 +10,10 @@ or speeds up part-way through moves all rows alike. The spread over rounds is re
 ratio whose spread reaches 1 is flagged as indistinguishable from the floor, as is one wholly below
 1 for a method that runs the teacher (no such step is cheaper than the floor: that is noise).
 
+Evaluation is the other half of a run's time (a VOC recipe evaluates its 1,449 val images 120
+times), so the student's evaluation is timed too: ``engine.evaluate`` through the run's own eval
+loader, at batch 1 and at the recipe's ``eval.batch_size``, on random images of one size.
+
 Importing this module needs neither MLflow nor Optuna (a GPU machine may lack them).
 """
 
@@ -24,7 +28,9 @@ from typing import Any
 import torch
 
 from kdbench.data import class_names, load_splits
-from kdbench.engine import build_state, train_batches, train_step
+from torch.utils.data import Dataset
+
+from kdbench.engine import build_state, close_loader, eval_loader, evaluate, train_batches, train_step
 from kdbench.errors import UserError
 from kdbench.methods import method_for, registry
 from kdbench.models import build_model
@@ -89,14 +95,40 @@ class Row:
 
 
 @dataclass
+class EvalRow:
+    """The student's evaluation at one batch size: milliseconds per image, one value per round."""
+
+    batch_size: int
+    ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "ms_per_image": {"median": self.median_ms, "min": min(self.ms), "max": max(self.ms), "rounds": self.ms},
+            "images_per_s": 1000 / self.median_ms,
+        }
+
+
+@dataclass
 class BenchResult:
     rows: list[Row]
     setting: dict[str, Any]
     loader: dict[str, Any]
+    #: the student's evaluation, one row per batch size (empty: not timed)
+    evaluation: list[EvalRow] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         batch = self.setting["batch_size"]
-        return {"setting": self.setting, "rows": [r.to_dict(batch) for r in self.rows], "loader": self.loader}
+        return {
+            "setting": self.setting,
+            "rows": [r.to_dict(batch) for r in self.rows],
+            "loader": self.loader,
+            "evaluation": [r.to_dict() for r in self.evaluation],
+        }
 
 
 #: bench times random init, so a recipe's weights files (e.g. CIRKD's ImageNet backbone) are never needed
@@ -176,9 +208,13 @@ def benchmark(
     loader_batches: int = 20,
     profile: int = 0,
     quiet: bool = False,
+    eval_images: int = 0,
+    eval_size: tuple[int, int] | None = None,
 ) -> BenchResult:
     """Time every row for ``steps`` steps per round over ``rounds`` interleaved rounds, after
-    ``warmup`` untimed steps per row (cudnn autotuning, torch.compile, allocator growth)."""
+    ``warmup`` untimed steps per row (cudnn autotuning, torch.compile, allocator growth). With
+    ``eval_images``, also the floor's student evaluating that many images of ``eval_size`` (default:
+    the crop size) per round, at batch 1 and at ``eval.batch_size``, interleaved the same way."""
     rt = make_runtime(recipe.runtime)
     if rt.distributed:
         raise UserError("bench: run it as one process (it times one device); torchrun is for `kdbench run`")
@@ -188,6 +224,7 @@ def benchmark(
     teachers: dict[str, torch.nn.Module] = {}
     train_cfg = dataclasses.replace(recipe.train, iterations=warmup + rounds * steps + 1)
     states = []
+    evaluation = [EvalRow(b) for b in sorted({1, recipe.eval.batch_size})] if eval_images else []
     with make_progress(enabled=not quiet, transient=True) as bar:
         task = bar.add_task("building and warming up", total=len(rows))
         for row in rows:
@@ -224,6 +261,10 @@ def benchmark(
             floor = rows[0].ms[-1]
             for row in rows:
                 row.ratio.append(row.ms[-1] / floor)
+        if evaluation:
+            size = eval_size or recipe.train.crop_size
+            task = bar.add_task("timing evaluation", total=(rounds + 1) * len(evaluation))
+            time_evaluation(recipe, states[0].student, rt, k, evaluation, eval_images, size, rounds, lambda: bar.advance(task))
         if profile:
             task = bar.add_task("profiling", total=len(rows))
             for state, row in zip(states, rows):
@@ -247,9 +288,69 @@ def benchmark(
         "steps": steps,
         "rounds": rounds,
         "warmup": warmup,
+        "eval": {
+            "images": eval_images,
+            "size": list(eval_size or recipe.train.crop_size),
+            "scales": list(recipe.eval.scales),
+            "flip": recipe.eval.flip,
+        },
     }
     loader = loader_throughput(recipe, rt, loader_batches, quiet) if loader_batches else {"skipped": "not asked for"}
-    return BenchResult(rows, setting, loader)
+    return BenchResult(rows, setting, loader, evaluation)
+
+
+class SameImage(Dataset):
+    """``count`` times one random image and label of one size: evaluation's cost depends on sizes,
+    not values. It tells its images' size, so ``eval_loader`` batches it by size as it does VOC."""
+
+    def __init__(self, count: int, size: tuple[int, int], num_classes: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.count, self.size = count, (int(size[0]), int(size[1]))
+        self.image = torch.randn(3, *self.size, generator=g)
+        self.label = torch.randint(0, num_classes, self.size, generator=g)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image, self.label
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.size
+
+
+def time_evaluation(
+    recipe: Recipe,
+    student: torch.nn.Module,
+    rt: Runtime,
+    num_classes: int,
+    rows: list[EvalRow],
+    images: int,
+    size: tuple[int, int],
+    rounds: int,
+    advance: Any = lambda: None,
+) -> None:
+    """``engine.evaluate`` of ``images`` images per round through the run's eval loader (its
+    workers, pinned copies, the recipe's scales and flip), one loader per batch size, each passed
+    through once untimed first (its workers start, kernels load); milliseconds per image."""
+    dataset = SameImage(images, size, num_classes, recipe.seed)
+    workers = rt.loader_workers(recipe.data.workers)
+    cfgs = [dataclasses.replace(recipe.eval, batch_size=row.batch_size) for row in rows]
+    loaders = [eval_loader(dataset, cfg, rt, workers) for cfg in cfgs]
+    try:
+        for loader, cfg in zip(loaders, cfgs):
+            evaluate(student, loader, num_classes, cfg, rt=rt)
+            advance()
+        for _ in range(rounds):
+            for loader, cfg, row in zip(loaders, cfgs, rows):
+                rt.synchronize()
+                start = time.perf_counter()
+                evaluate(student, loader, num_classes, cfg, rt=rt)  # ends with the confusion matrix on the host
+                row.ms.append(1000 * (time.perf_counter() - start) / images)
+                advance()
+    finally:
+        for loader in loaders:
+            close_loader(loader)
 
 
 def profile_step(state: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, top: int) -> list[dict[str, Any]]:

@@ -215,6 +215,10 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Interleaved rounds (every row once per round); the spread is over rounds.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed steps per row first (autotuning, compilation).")] = 3,
     loader_batches: Annotated[int, typer.Option(help="Batches read to time the recipe's data loader (0: skip).")] = 20,
+    eval_images: Annotated[int, typer.Option(help="Images the student evaluates per round, at batch 1 and at eval.batch_size (0: skip).")] = 32,
+    eval_size: Annotated[
+        Optional[str], typer.Option(help="H,W of the evaluated images, e.g. 513,684 (a 375x500 VOC image at eval.resize_short 513); default: the crop.")
+    ] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
     profile: Annotated[int, typer.Option(help="Also profile every row and show its N costliest operations (device time on a GPU).")] = 0,
     quiet: QuietOpt = False,
@@ -227,18 +231,27 @@ def bench(
     --method NAME` gets. Rows are interleaved over rounds; ratios to the floor are taken within each
     round and shown as median [min-max]; '~' marks a ratio whose spread reaches 1, or lies below 1 for
     a method that runs the teacher (noise: such a step cannot be cheaper than the floor). On a GPU
-    the table also shows the extra memory one step allocates. The loader line times the recipe's
-    data with its workers.
+    the table also shows the extra memory one step allocates. A second table times the student's
+    evaluation (the run's eval loader, scales and flip) per image at batch 1 and at eval.batch_size.
+    The loader line times the recipe's training data with its workers.
     """
     import json
     from pathlib import Path
 
     from kdbench.bench import bench_recipe, benchmark
 
-    if min(steps, rounds) < 1 or warmup < 0 or loader_batches < 0:
-        raise UserError("bench: --steps and --rounds must be at least 1, --warmup and --loader-batches at least 0")
+    if min(steps, rounds) < 1 or min(warmup, loader_batches, eval_images) < 0:
+        raise UserError("bench: --steps and --rounds must be at least 1, --warmup, --loader-batches and --eval-images at least 0")
+    size = None
+    if eval_size is not None:
+        parts = eval_size.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"--eval-size: expected H,W in pixels such as 513,684, got {eval_size!r}")
+        size = (int(parts[0]), int(parts[1]))
     r = bench_recipe(recipe, runtime_overrides(device, precision, compile_) + list(set_ or []))
-    result = benchmark(r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, profile=profile, quiet=quiet)
+    result = benchmark(
+        r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, profile=profile, quiet=quiet, eval_images=eval_images, eval_size=size
+    )
     st = result.setting
     table = Table(
         title=f"ms per training step on {st['device']}, {st['precision']}{', compiled' if st['compile'] else ''}"
@@ -264,6 +277,24 @@ def bench(
         if row.profile:
             ops = "; ".join(f"{op['name']} {op['ms_per_step']:.2f} ms" for op in row.profile)
             out.print(f"profile {row.method}/{row.preset}: {ops}")
+    if result.evaluation:
+        ev = st["eval"]
+        table = Table(
+            title=f"ms per image evaluated: the student, {ev['size'][0]}x{ev['size'][1]} images, scales {ev['scales']}"
+            f"{', flipped too' if ev['flip'] else ''}; {ev['images']} images x {st['rounds']} rounds"
+        )
+        for col in ("batch", "ms/image", "min-max", "img/s", "x batch 1"):
+            table.add_column(col, justify="right")
+        one = result.evaluation[0].median_ms
+        for ev_row in result.evaluation:
+            table.add_row(
+                str(ev_row.batch_size),
+                f"{ev_row.median_ms:.2f}",
+                f"{min(ev_row.ms):.2f}-{max(ev_row.ms):.2f}",
+                f"{1000 / ev_row.median_ms:.0f}",
+                f"{one / ev_row.median_ms:.2f}",
+            )
+        out.print(table)
     ld = result.loader
     if "images_per_s" in ld:
         out.print(f"loader: {ld['images_per_s']:.0f} images/s with {ld['workers']} workers ({ld['batches']} batches)")

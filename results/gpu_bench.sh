@@ -4,8 +4,10 @@
 # per GPU, crop 512x1024). Random tensors and random init: no dataset, no teacher.
 #   voc_bf16:        the target rows (kd, cwd paper, every AttnFD preset, the three discriminator
 #                    presets), bf16, the defaults: each step one CUDA graph, the method's forward
-#                    compiled (runtime.compile_method: auto). Inductor takes tens of seconds per row first
-#   cirkd_bf16:      CIRKD's shapes, bf16, the defaults
+#                    compiled (runtime.compile_method: auto). Inductor takes tens of seconds per row first.
+#                    Also the student's evaluation at batch 1 and 8 on 513x684 images: a 375x500 VOC
+#                    image (a common size: H 375, W 500) at eval.resize_short 513, what a run evaluates 120 times
+#   cirkd_bf16:      CIRKD's shapes, bf16, the defaults; evaluation at 1024x2048, batch 1 (CIRKD's) and 4
 #   voc_bf16_others: the other VOC presets, the defaults
 #   voc_bf16_no_compile_method: every VOC row with runtime.compile_method=false (what compiling saves)
 #   voc_bf16_eager:  VOC without CUDA graphs (runtime.cuda_graphs=false), to see what they save
@@ -35,13 +37,15 @@ if ! python3 -c "import kdbench.methods" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-bench="python3 -m kdbench bench --device cuda --loader-batches 0"
+bench="python3 -m kdbench bench --device cuda --loader-batches 0 --eval-images 0"
 for table in $tables; do
     case $table in
-    voc_bf16) $bench --recipe voc_r101_r18 -m kd -m cwd:paper -m attnfd $targets --precision bf16 --json "$out/$table.json" ;;
+    voc_bf16)
+        $bench --recipe voc_r101_r18 -m kd -m cwd:paper -m attnfd $targets --precision bf16 --eval-images 64 --eval-size 513,684 \
+            --json "$out/$table.json" ;;
     cirkd_bf16)
         $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd:paper -m attnfd:default $targets \
-            --precision bf16 --steps 3 --rounds 3 --warmup 3 --json "$out/$table.json" ;;
+            --precision bf16 --steps 3 --rounds 3 --warmup 3 --eval-images 16 --eval-size 1024,2048 --set eval.batch_size=4 --json "$out/$table.json" ;;
     voc_bf16_others)
         $bench --recipe voc_r101_r18 -m cwd:mmrazor -m skd:paper -m skd:pure -m ifvd:paper -m ifvd:pure --precision bf16 --json "$out/$table.json" ;;
     voc_bf16_no_compile_method)

@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import pytest
+from torch import nn
 
-from kdbench.bench import Row, bench_recipe, plan
+from kdbench.bench import EvalRow, Row, bench_recipe, plan, time_evaluation
 from kdbench.errors import UserError
 from kdbench.methods import registry
+from kdbench.runtime import make_runtime
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -53,3 +55,25 @@ def test_an_unknown_method_or_preset_is_one_clear_line(asked, message):
 )
 def test_a_ratio_the_noise_could_explain_is_flagged(row, flagged):
     assert row.overlaps_floor is flagged
+
+
+def test_evaluation_is_timed_per_image_through_the_eval_loader_at_each_batch_size():
+    """Each loader passes once untimed, then once per round; batches hold up to eval.batch_size
+    images of the asked size, as a run's evaluation of same-sized images would."""
+    recipe = bench_recipe("tiny", ["eval.batch_size=4"])
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 1)
+
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return {"out": self.conv(x)}
+
+    rows = [EvalRow(1), EvalRow(4)]
+    time_evaluation(recipe, Probe(), make_runtime(recipe.runtime), 5, rows, 10, (24, 40), rounds=2)
+    one, four = [(1, 3, 24, 40)] * 10, [(4, 3, 24, 40)] * 2 + [(2, 3, 24, 40)]
+    assert seen == one + four + (one + four) * 2
+    assert [len(r.ms) for r in rows] == [2, 2] and all(ms > 0 for r in rows for ms in r.ms)

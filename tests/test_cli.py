@@ -72,6 +72,7 @@ def test_a_piped_run_logs_plain_lines_evaluations_and_a_summary(cli, tmp_path):
         (["runn"], "error: No such command 'runn'. Did you mean 'run'?"),
         (["run", "--method"], "error: Option '--method' requires an argument"),
         (["bench", "--steps", "1.5"], "error: Invalid value for '--steps'"),
+        (["bench", "--eval-size", "513"], "error: --eval-size: expected H,W in pixels such as 513,684, got '513'"),
         (["sweep", "-m", "kd", "--seeds", "1-"], "error: --seeds: expected seeds like 0,1,2 or 0-4"),
     ],
 )
@@ -119,12 +120,14 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
     )
     args = ["bench", "--recipe", "tiny", "--steps", "1", "--rounds", "3", "--warmup", "1", "-m", "none", "-m", "kd", "-m", "attnfd", "-m", "skd:pure"]
     args += ["--set", "student.pretrained=absent.pth", "--json", "b.json", "--quiet"]  # random init: no weights file needed
+    args += ["--eval-images", "8", "--eval-size", "24,40"]
     env = {**os.environ, "KDBENCH_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     for row in ("floor", "none", "kd", "attnfd", "paper", "x floor"):  # AttnFD's paper preset: a CBAM teacher
         assert row in r.stdout
     assert "images/s with 0 workers" in r.stdout  # the loader line
+    assert "ms per image evaluated: the student, 24x40 images" in r.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["setting"]["device"] == "cpu" and data["setting"]["batch_size"] == 4
     floor, *rows = data["rows"]
@@ -137,6 +140,9 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
         want = [ms / f for ms, f in zip(row["ms_per_step"]["rounds"], floor["ms_per_step"]["rounds"])]
         assert row["x_floor"]["rounds"] == want
         assert row["overlaps_floor"] == (min(want) <= 1.0 <= max(want) or (row["method"] != "none" and max(want) < 1.0))
+    # the student's evaluation at batch 1 and at the tiny recipe's eval.batch_size, once per round
+    assert data["setting"]["eval"] == {"images": 8, "size": [24, 40], "scales": [1.0], "flip": False}
+    assert [(e["batch_size"], len(e["ms_per_image"]["rounds"])) for e in data["evaluation"]] == [(1, 3), (6, 3)]
 
 
 def test_cuda_asked_for_without_a_gpu_is_one_line_exit_2(cli, tmp_path):
