@@ -273,6 +273,7 @@ def benchmark(
     setting = {
         "recipe": recipe.benchmark,
         "device": rt.describe()["runtime.device"],
+        "cpu": rt.describe()["runtime.cpu"],
         "precision": rt.precision,
         "compile": rt.compile,
         "compile_method": rt.compile_method,

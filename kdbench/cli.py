@@ -254,7 +254,7 @@ def bench(
     )
     st = result.setting
     table = Table(
-        title=f"ms per training step on {st['device']}, {st['precision']}{', compiled' if st['compile'] else ''}"
+        title=f"ms per training step on {st['device'] if st['device'] != 'cpu' else 'cpu: ' + st['cpu']}, {st['precision']}{', compiled' if st['compile'] else ''}"
         f"{', method compiled' if st['compile_method'] else ''}{', CUDA graphs' if st['cuda_graphs'] else ''}; "
         f"batch {st['batch_size']}, crop {st['crop_size']}; {st['teacher']} -> {st['student']}; "
         f"{st['rounds']} rounds x {st['steps']} steps"

@@ -130,6 +130,7 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
     assert "ms per image evaluated: the student, 24x40 images" in r.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["setting"]["device"] == "cpu" and data["setting"]["batch_size"] == 4
+    assert f"ms per training step on cpu: {data['setting']['cpu']}, fp32" in r.stdout  # which CPU: timings depend on it
     floor, *rows = data["rows"]
     assert floor["method"] == "floor" and floor["x_floor"]["rounds"] == [1.0, 1.0, 1.0]
     presets = [(row["method"], row["presets"], row["runs_by_default"]) for row in rows]

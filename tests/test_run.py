@@ -33,6 +33,8 @@ def test_run_logs_everything_a_table_needs(workdir):
     for tag, value in {"method": "kd", "preset": "cirkd", "dataset": "synthetic", "seed": "1"}.items():
         assert student[f"tags.{tag}"] == value
     assert student["tags.student"] == "deeplabv3plus/resnet10t"
+    # CPU results reproduce digit for digit only on the same kind of CPU: the run names it
+    assert student["tags.runtime.cpu"].endswith(f" ({torch.backends.cpu.get_cpu_capability()})")
     assert student["params.method.params.temperature"] == "1.0" and student["params.train.lr"] == "0.01"
     assert math.isclose(student["metrics.miou"], result.metrics.miou)
     for key in ("metrics.loss/task", "metrics.loss/kd", "metrics.lr", "metrics.val/miou", "metrics.iou/background"):
