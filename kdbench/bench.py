@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from kdbench.data import class_names, load_splits
+from rich.console import Console
+from rich.table import Table
 from torch.utils.data import Dataset
 
+from kdbench.data import class_names, load_splits
 from kdbench.engine import build_state, close_loader, eval_loader, evaluate, train_batches, train_step
 from kdbench.errors import UserError
 from kdbench.methods import method_for, registry
@@ -298,6 +299,59 @@ def benchmark(
     }
     loader = loader_throughput(recipe, rt, loader_batches, quiet) if loader_batches else {"skipped": "not asked for"}
     return BenchResult(rows, setting, loader, evaluation)
+
+
+def print_result(result: BenchResult, out: Console) -> None:
+    """The step table (with each row's profile), the evaluation table and the loader line."""
+    st = result.setting
+    device = f"cpu: {st['cpu']}" if st["device"] == "cpu" else st["device"]  # CPU timings depend on the kind
+    table = Table(
+        title=f"ms per training step on {device}, {st['precision']}{', compiled' if st['compile'] else ''}"
+        f"{', method compiled' if st['compile_method'] else ''}{', CUDA graphs' if st['cuda_graphs'] else ''}; "
+        f"batch {st['batch_size']}, crop {st['crop_size']}; {st['teacher']} -> {st['student']}; "
+        f"{st['rounds']} rounds x {st['steps']} steps"
+    )
+    for col in ("method", "preset", "ms/step", "min-max", "x floor", "img/s", "step MiB"):
+        table.add_column(col, justify="left" if col in ("method", "preset") else "right")
+    for row in result.rows:
+        ratio = f"{row.median_ratio:.3f} [{min(row.ratio):.3f}-{max(row.ratio):.3f}]" + (" ~" if row.overlaps_floor else "")
+        table.add_row(
+            row.method,
+            row.preset,
+            f"{row.median_ms:.1f}",
+            f"{min(row.ms):.1f}-{max(row.ms):.1f}",
+            ratio,
+            f"{1000 * st['batch_size'] / row.median_ms:.0f}",
+            f"{row.step_mib:.0f}" if row.step_mib is not None else "",
+        )
+    out.print(table)
+    for row in result.rows:
+        if row.profile:
+            ops = "; ".join(f"{op['name']} {op['ms_per_step']:.2f} ms" for op in row.profile)
+            out.print(f"profile {row.method}/{row.preset}: {ops}")
+    if result.evaluation:
+        ev = st["eval"]
+        table = Table(
+            title=f"ms per image evaluated: the student, {ev['size'][0]}x{ev['size'][1]} images, scales {ev['scales']}"
+            f"{', flipped too' if ev['flip'] else ''}; {ev['images']} images x {st['rounds']} rounds"
+        )
+        for col in ("batch", "ms/image", "min-max", "img/s", "x batch 1"):
+            table.add_column(col, justify="right")
+        one = result.evaluation[0].median_ms
+        for ev_row in result.evaluation:
+            table.add_row(
+                str(ev_row.batch_size),
+                f"{ev_row.median_ms:.2f}",
+                f"{min(ev_row.ms):.2f}-{max(ev_row.ms):.2f}",
+                f"{1000 / ev_row.median_ms:.0f}",
+                f"{one / ev_row.median_ms:.2f}",
+            )
+        out.print(table)
+    ld = result.loader
+    if "images_per_s" in ld:
+        out.print(f"loader: {ld['images_per_s']:.0f} images/s with {ld['workers']} workers ({ld['batches']} batches)")
+    else:
+        out.print(f"loader: not timed ({ld['skipped']})")
 
 
 class SameImage(Dataset):

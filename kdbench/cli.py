@@ -238,7 +238,7 @@ def bench(
     import json
     from pathlib import Path
 
-    from kdbench.bench import bench_recipe, benchmark
+    from kdbench.bench import bench_recipe, benchmark, print_result
 
     if min(steps, rounds) < 1 or min(warmup, loader_batches, eval_images) < 0:
         raise UserError("bench: --steps and --rounds must be at least 1, --warmup, --loader-batches and --eval-images at least 0")
@@ -252,54 +252,7 @@ def bench(
     result = benchmark(
         r, method, steps=steps, rounds=rounds, warmup=warmup, loader_batches=loader_batches, profile=profile, quiet=quiet, eval_images=eval_images, eval_size=size
     )
-    st = result.setting
-    table = Table(
-        title=f"ms per training step on {st['device'] if st['device'] != 'cpu' else 'cpu: ' + st['cpu']}, {st['precision']}{', compiled' if st['compile'] else ''}"
-        f"{', method compiled' if st['compile_method'] else ''}{', CUDA graphs' if st['cuda_graphs'] else ''}; "
-        f"batch {st['batch_size']}, crop {st['crop_size']}; {st['teacher']} -> {st['student']}; "
-        f"{st['rounds']} rounds x {st['steps']} steps"
-    )
-    for col in ("method", "preset", "ms/step", "min-max", "x floor", "img/s", "step MiB"):
-        table.add_column(col, justify="left" if col in ("method", "preset") else "right")
-    for row in result.rows:
-        ratio = f"{row.median_ratio:.3f} [{min(row.ratio):.3f}-{max(row.ratio):.3f}]" + (" ~" if row.overlaps_floor else "")
-        table.add_row(
-            row.method,
-            row.preset,
-            f"{row.median_ms:.1f}",
-            f"{min(row.ms):.1f}-{max(row.ms):.1f}",
-            ratio,
-            f"{1000 * st['batch_size'] / row.median_ms:.0f}",
-            f"{row.step_mib:.0f}" if row.step_mib is not None else "",
-        )
-    out.print(table)
-    for row in result.rows:
-        if row.profile:
-            ops = "; ".join(f"{op['name']} {op['ms_per_step']:.2f} ms" for op in row.profile)
-            out.print(f"profile {row.method}/{row.preset}: {ops}")
-    if result.evaluation:
-        ev = st["eval"]
-        table = Table(
-            title=f"ms per image evaluated: the student, {ev['size'][0]}x{ev['size'][1]} images, scales {ev['scales']}"
-            f"{', flipped too' if ev['flip'] else ''}; {ev['images']} images x {st['rounds']} rounds"
-        )
-        for col in ("batch", "ms/image", "min-max", "img/s", "x batch 1"):
-            table.add_column(col, justify="right")
-        one = result.evaluation[0].median_ms
-        for ev_row in result.evaluation:
-            table.add_row(
-                str(ev_row.batch_size),
-                f"{ev_row.median_ms:.2f}",
-                f"{min(ev_row.ms):.2f}-{max(ev_row.ms):.2f}",
-                f"{1000 / ev_row.median_ms:.0f}",
-                f"{one / ev_row.median_ms:.2f}",
-            )
-        out.print(table)
-    ld = result.loader
-    if "images_per_s" in ld:
-        out.print(f"loader: {ld['images_per_s']:.0f} images/s with {ld['workers']} workers ({ld['batches']} batches)")
-    else:
-        out.print(f"loader: not timed ({ld['skipped']})")
+    print_result(result, out)
     if json_out:
         Path(json_out).write_text(json.dumps(result.to_dict(), indent=1))
         out.print(f"JSON: {json_out}")
