@@ -1,8 +1,8 @@
 """A warm `kdbench` command line for tests that run many commands.
 
 Starting Python and importing torch, timm, MLflow and Optuna takes seconds per command, which is
-most of a bad-input case. `ForkedCLI` starts one server process that imports them once; every
-command is then a child forked from it: its own process, working folder, environment, argv,
+most of a bad-input case. The test session starts one server process that imports them once; every
+command of every `ForkedCLI` is then a child forked from it: its own process, working folder, environment, argv,
 stdout/stderr files and exit code, running `kdbench.cli.main` as the `kdbench` script does (an
 uncaught exception prints its traceback and exits 1, as the interpreter would). The server never
 runs a torch op, so the children start with torch's thread pools untouched.
@@ -10,6 +10,7 @@ runs a torch op, so the children start with torch's thread pools untouched.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -96,10 +97,10 @@ class Result:
     stderr: str
 
 
-class ForkedCLI:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+class _Server:
+    """The warm process and the thread that reads which of its children ended, with what code."""
+
+    def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.done: dict[int, int] = {}
         self.cond = threading.Condition()
@@ -116,28 +117,56 @@ class ForkedCLI:
             self.done.setdefault(-1, -1)
             self.cond.notify_all()
 
-    def _send(self, msg: dict) -> None:
+    def send(self, msg: dict) -> None:
         with self.cond:
             self.proc.stdin.write(json.dumps(msg) + "\n")
             self.proc.stdin.flush()
 
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+_shared: _Server | None = None
+_shared_lock = threading.Lock()
+
+
+def _server() -> _Server:
+    """One server for the whole test session (its import costs seconds; it never runs a command
+    itself, so commands forked from it share nothing); a new one if it died."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.proc.poll() is not None:
+            _shared = _Server()
+            atexit.register(_shared.close)
+        return _shared
+
+
+class ForkedCLI:
+    """Commands forked from the session's warm server, with their stdout/stderr files in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.server = _server()
+
     def run(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float) -> Result:
         """Run one command to its end (killed after ``timeout`` seconds: return code -9)."""
-        with self.cond:
-            i = self.next_id
-            self.next_id += 1
+        srv = self.server
+        with srv.cond:
+            i = srv.next_id
+            srv.next_id += 1
         out, err = self.folder / f"{i}.out", self.folder / f"{i}.err"
-        self._send({"id": i, "args": list(args), "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)})
-        with self.cond:
-            if not self.cond.wait_for(lambda: i in self.done or -1 in self.done, timeout):
-                self._send({"kill": i})
-                self.cond.wait_for(lambda: i in self.done or -1 in self.done, 30)
-            rc = self.done.get(i, -1)
+        srv.send({"id": i, "args": list(args), "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)})
+        with srv.cond:
+            if not srv.cond.wait_for(lambda: i in srv.done or -1 in srv.done, timeout):
+                srv.send({"kill": i})
+                srv.cond.wait_for(lambda: i in srv.done or -1 in srv.done, 30)
+            rc = srv.done.get(i, -1)
         text = [p.read_text() if p.exists() else "" for p in (out, err)]
-        if rc == -1 and -1 in self.done:
+        if rc == -1 and -1 in srv.done:
             text[1] += "\n(the forked CLI server died)"
         return Result(tuple(args), rc, *text)
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        """Nothing to do: the server outlives every ForkedCLI and stops when the session ends."""

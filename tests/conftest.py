@@ -32,8 +32,8 @@ def shared_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory):
-    """The `kdbench` command line, warm: each command a forked child of one process that imported
-    torch, MLflow and Optuna once (tests/cli_fork.py), seconds faster than a fresh interpreter."""
+    """The `kdbench` command line, warm: each command a forked child of the session's one process
+    that imported torch, MLflow and Optuna (tests/cli_fork.py), seconds faster than a fresh interpreter."""
     from tests.cli_fork import ForkedCLI
 
     cli = ForkedCLI(tmp_path_factory.mktemp("cli"))
