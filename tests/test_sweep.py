@@ -128,6 +128,7 @@ url, folder, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 def wait(name):
     while not (folder / name).exists():
         time.sleep(0.01)
+(folder / f"ready{me}").touch()
 wait("go")
 if int(me) % 2:
     search_runs(["together"], uri=url)  # a sweep worker looking for finished cells
@@ -150,11 +151,14 @@ def test_workers_that_start_together_create_one_store_between_them(tmp_path):
 
     url, n = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", 4
     workers = [subprocess.Popen([sys.executable, "-c", _STARTER, url, str(tmp_path), str(i)], stderr=subprocess.PIPE, text=True) for i in range(n)]
-    time.sleep(8)  # every worker has imported MLflow and waits for the same moment
+    def wait_all(prefix: str) -> None:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"{prefix}{i}").exists() for i in range(n)) and time.time() < deadline and all(w.poll() is None for w in workers):
+            time.sleep(0.01)
+
+    wait_all("ready")  # every worker has imported MLflow and waits for the same moment
     (tmp_path / "go").touch()
-    deadline = time.time() + 60
-    while not all((tmp_path / str(i)).exists() for i in range(n)) and time.time() < deadline and all(w.poll() is None for w in workers):
-        time.sleep(0.01)
+    wait_all("")
     (tmp_path / "start").touch()
     errors = [w.communicate(timeout=120)[1] for w in workers]
     assert [w.returncode for w in workers] == [0] * n, errors
