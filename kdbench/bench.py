@@ -214,8 +214,9 @@ def benchmark(
 ) -> BenchResult:
     """Time every row for ``steps`` steps per round over ``rounds`` interleaved rounds, after
     ``warmup`` untimed steps per row (cudnn autotuning, torch.compile, allocator growth). With
-    ``eval_images``, also the floor's student evaluating that many images of ``eval_size`` (default:
-    the crop size) per round, at batch 1 and at ``eval.batch_size``, interleaved the same way."""
+    ``eval_images``, then the floor's student evaluating that many images of ``eval_size`` (default:
+    the crop size) per round, at batch 1 and at ``eval.batch_size`` in turn."""
+    eval_size = eval_size or recipe.train.crop_size
     rt = make_runtime(recipe.runtime)
     if rt.distributed:
         raise UserError("bench: run it as one process (it times one device); torchrun is for `kdbench run`")
@@ -263,9 +264,8 @@ def benchmark(
             for row in rows:
                 row.ratio.append(row.ms[-1] / floor)
         if evaluation:
-            size = eval_size or recipe.train.crop_size
             task = bar.add_task("timing evaluation", total=(rounds + 1) * len(evaluation))
-            time_evaluation(recipe, states[0].student, rt, k, evaluation, eval_images, size, rounds, lambda: bar.advance(task))
+            time_evaluation(recipe, states[0].student, rt, k, evaluation, eval_images, eval_size, rounds, lambda: bar.advance(task))
         if profile:
             task = bar.add_task("profiling", total=len(rows))
             for state, row in zip(states, rows):
@@ -292,7 +292,7 @@ def benchmark(
         "warmup": warmup,
         "eval": {
             "images": eval_images,
-            "size": list(eval_size or recipe.train.crop_size),
+            "size": list(eval_size),
             "scales": list(recipe.eval.scales),
             "flip": recipe.eval.flip,
         },
