@@ -369,7 +369,7 @@ def predict(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = 
 
 def image_sizes(dataset: Dataset, indices: Sequence[int] | None = None) -> list[tuple[int, int]] | None:
     """The stored (H, W) of each image (of those at ``indices``), for a dataset that can tell them
-    without decoding (VOC layout); None for one that cannot (Cityscapes: every image 1024 x 2048)."""
+    without decoding (VOC and Cityscapes layouts, from file headers); None for one that cannot."""
     indices = range(len(dataset)) if indices is None else indices
     if isinstance(dataset, Subset):
         return image_sizes(dataset.dataset, [dataset.indices[i] for i in indices])

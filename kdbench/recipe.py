@@ -187,9 +187,9 @@ class EvalConfig:
     #: nearest), as pytorch-deeplab-xception's FixedResize; the metric is counted at that size.
     #: Empty: every image at its own size
     resize_short: int | None = field(default=None, metadata=ADDED)
-    #: evaluation batch size: up to this many images of one size per batch (a VOC-layout split's
-    #: sizes are read from its file headers; other splits must hold images of one size). The metric
-    #: does not depend on it
+    #: evaluation batch size: up to this many images of one size per batch (a VOC or Cityscapes
+    #: split's sizes are read from its file headers; other splits must hold images of one size).
+    #: The metric does not depend on it
     batch_size: int = 1
 
 

@@ -186,6 +186,27 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
     assert x.shape == (3, 32, 64) and y.shape == (32, 64) and y.dtype == torch.int64
 
 
+def test_cityscapes_val_evaluates_in_batches_of_one_size_with_the_metric_of_one_at_a_time(tmp_path: Path) -> None:
+    """Cityscapes images share one size, but a file of another size must not break a batch."""
+    from kdbench.engine import eval_loader, evaluate
+    from kdbench.models import build_model
+    from kdbench.recipe import EvalConfig, load_recipe
+
+    make_cityscapes(tmp_path)
+    label = np.full((32, 64), 7, dtype=np.uint8)  # road
+    for n, (name, h, w) in enumerate([("lindau_000001_000019", 32, 64), ("lindau_000002_000019", 24, 40), ("lindau_000003_000019", 32, 64)]):
+        _write_image(tmp_path / "leftImg8bit" / "val" / "lindau" / f"{name}_leftImg8bit.png", h, w, 10 + n)
+        _write_label(tmp_path / "gtFine" / "val" / "lindau" / f"{name}_gtFine_labelIds.png", label[:h, :w], palette=False)
+    val = Cityscapes(tmp_path, "val", eval_transform())
+    loader = eval_loader(val, EvalConfig(batch_size=2))
+    assert [(tuple(images.shape[-2:]), images.shape[0]) for images, _ in loader] == [((32, 64), 2), ((32, 64), 1), ((24, 40), 1)]
+    torch.manual_seed(0)
+    model = build_model(load_recipe("tiny").student, 19).eval()
+    _, cm = evaluate(model, loader, 19, EvalConfig(batch_size=2))
+    _, one = evaluate(model, val, 19, EvalConfig(batch_size=1))
+    assert torch.equal(cm, one) and int(cm.sum()) == 32 * 48 + 2 * 32 * 64 + 24 * 40  # the fixture's image: 16 of 64 columns unlabelled
+
+
 def test_cityscapes_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no folder .*leftImg8bit/train.*KDBENCH_CITYSCAPES_ROOT"):
         Cityscapes(tmp_path, "train", None)
@@ -193,6 +214,10 @@ def test_cityscapes_errors(tmp_path: Path) -> None:
     (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000000_000019_gtFine_labelIds.png").unlink()
     with pytest.raises(UserError, match=r"1 of 3 images .* no label file, first: .*bremen_000000_000019_gtFine"):
         Cityscapes(tmp_path, "train", None)
+    bad = tmp_path / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"^Cityscapes: .*lindau_000000_000019_leftImg8bit.png is not an image PIL can read"):
+        Cityscapes(tmp_path, "val", None).image_size(0)  # read when evaluation batches by size
 
 
 # ---------------------------------------------------------------------------------------------- synthetic

@@ -89,6 +89,15 @@ class Cityscapes(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of image ``index`` as stored, from its PNG header (nothing decoded): evaluation
+        batches images of one size, so a file of another size gets batches of its own."""
+        try:
+            with Image.open(self.images[index]) as image:
+                return image.height, image.width
+        except (OSError, ValueError, SyntaxError) as err:  # UnidentifiedImageError, truncated or broken files
+            raise UserError(f"Cityscapes: {self.images[index]} is not an image PIL can read ({type(err).__name__}); replace it") from None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[Image.Image, np.ndarray]:
         image = Image.open(self.images[index]).convert("RGB")
         with Image.open(self.labels[index]) as label:
