@@ -1,11 +1,11 @@
 """A warm `kdbench` command line for tests that run many commands.
 
 Starting Python and importing torch, timm, MLflow and Optuna takes seconds per command, which is
-most of a bad-input case. The test session starts one server process that imports them once; every
-command of every `ForkedCLI` is then a child forked from it: its own process, working folder, environment, argv,
-stdout/stderr files and exit code, running `kdbench.cli.main` as the `kdbench` script does (an
-uncaught exception prints its traceback and exits 1, as the interpreter would). The server never
-runs a torch op, so the children start with torch's thread pools untouched.
+most of a bad-input case. The test session starts one server process that imports them once;
+every command of every `ForkedCLI` is then a child forked from it: its own process, working
+folder, environment, argv, stdout/stderr files and exit code, running `kdbench.cli.main` as the
+`kdbench` script does (an uncaught exception prints its traceback and exits 1, as the interpreter
+would). The server never runs a torch op, so the children start with torch's thread pools untouched.
 """
 
 from __future__ import annotations
