@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from kdbench.data.image_files import stored_size
 from kdbench.errors import UserError
 
 #: Cityscapes' own colours of its 19 train ids (cityscapesScripts' labels.py)
@@ -92,11 +93,7 @@ class Cityscapes(Dataset):
     def image_size(self, index: int) -> tuple[int, int]:
         """(H, W) of image ``index`` as stored, from its PNG header (nothing decoded): evaluation
         batches images of one size, so a file of another size gets batches of its own."""
-        try:
-            with Image.open(self.images[index]) as image:
-                return image.height, image.width
-        except (OSError, ValueError, SyntaxError) as err:  # UnidentifiedImageError, truncated or broken files
-            raise UserError(f"Cityscapes: {self.images[index]} is not an image PIL can read ({type(err).__name__}); replace it") from None
+        return stored_size(self.images[index], "Cityscapes", "replace it")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[Image.Image, np.ndarray]:
         image = Image.open(self.images[index]).convert("RGB")

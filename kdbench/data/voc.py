@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from kdbench.data.image_files import open_image, stored_size
 from kdbench.errors import UserError
 
 VOC_CLASSES = (
@@ -56,16 +57,12 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
-def _open(path: Path, decode: bool = True) -> Image.Image:
-    """The image at ``path``, read now (``decode`` False: its header only): a file PIL cannot read
-    is a UserError naming it."""
-    try:
-        image = Image.open(path)
-        if decode:
-            image.load()
-        return image
-    except (OSError, ValueError, SyntaxError) as err:  # UnidentifiedImageError, truncated or broken files
-        raise UserError(f"VOC: {path} is not an image PIL can read ({type(err).__name__}); replace it or drop its id from the split list") from None
+#: what to do about an image file PIL cannot read
+UNREADABLE_FIX = "replace it or drop its id from the split list"
+
+
+def _open(path: Path) -> Image.Image:
+    return open_image(path, "VOC", UNREADABLE_FIX)
 
 
 def _names(folder: Path) -> set[str]:
@@ -135,8 +132,7 @@ class VOCSegmentation(Dataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(H, W) of image ``index`` as stored, from its file header (nothing decoded)."""
-        with _open(self.images[index], decode=False) as image:
-            return image.height, image.width
+        return stored_size(self.images[index], "VOC", UNREADABLE_FIX)
 
     def read(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """Image and mask ``index``, checked: a file that is no image, a mask of another size or with
