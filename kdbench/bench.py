@@ -271,10 +271,11 @@ def benchmark(
             for state, row in zip(states, rows):
                 row.profile = profile_step(state, batches, steps, profile)
                 bar.advance(task)
+    where = rt.describe()
     setting = {
         "recipe": recipe.benchmark,
-        "device": rt.describe()["runtime.device"],
-        "cpu": rt.describe()["runtime.cpu"],
+        "device": where["runtime.device"],
+        "cpu": where["runtime.cpu"],
         "precision": rt.precision,
         "compile": rt.compile,
         "compile_method": rt.compile_method,
