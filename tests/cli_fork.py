@@ -167,6 +167,3 @@ class ForkedCLI:
         if rc == -1 and -1 in srv.done:
             text[1] += "\n(the forked CLI server died)"
         return Result(tuple(args), rc, *text)
-
-    def close(self) -> None:
-        """Nothing to do: the server outlives every ForkedCLI and stops when the session ends."""

@@ -36,6 +36,4 @@ def forked(tmp_path_factory):
     that imported torch, MLflow and Optuna (tests/cli_fork.py), seconds faster than a fresh interpreter."""
     from tests.cli_fork import ForkedCLI
 
-    cli = ForkedCLI(tmp_path_factory.mktemp("cli"))
-    yield cli
-    cli.close()
+    return ForkedCLI(tmp_path_factory.mktemp("cli"))

@@ -244,7 +244,6 @@ def results(request, tmp_path_factory):
                     futures[c.id] = pool.submit(_cli, cli, d, c.args, c.env) if r.returncode == 0 else None
         out = {key: f.result() if f else None for key, f in futures.items()}
         out[SETUP] = setup.result() if setup else None
-    cli.close()
     shutil.rmtree(d / "cache", ignore_errors=True)
     return out
 

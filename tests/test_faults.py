@@ -65,7 +65,6 @@ def outcome(tmp_path_factory):
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(pool.map(fault_then_resume, enumerate(FAULTS)))
-    cli.close()
     return _last(d, "full"), results, mlflow.MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
 
 
@@ -147,6 +146,5 @@ def test_a_dataset_being_generated_is_waited_for(workdir):
             waited += 0.2
         assert not done.done() and not folder.exists()  # waiting, and nothing written meanwhile
     result = done.result()
-    cli.close()
     assert result.returncode == 0, result.stderr
     assert "Another process is generating this dataset" in result.stderr and folder.is_dir()

@@ -168,7 +168,6 @@ def test_two_first_runs_train_the_teacher_once(workdir):
     args = ("run", "--recipe", "tiny", "--method", "kd", "--set", "train.eval_interval=0", "--quiet")
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda s: cli.run((*args, "--seed", str(s)), workdir, dict(os.environ), 600), (0, 1)))
-    cli.close()
     assert all(r.returncode == 0 for r in outs), outs
     runs = _runs()
     assert (runs["tags.kdbench.role"] == "teacher").sum() == 1

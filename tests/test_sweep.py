@@ -60,7 +60,6 @@ def test_a_failed_cell_is_reported_and_the_others_run(workdir):
     # the failed cell is a hole: the next sweep tries it again, the rest is done; the command exits 1
     cli = ForkedCLI(workdir / "cli")
     retry = cli.run(("sweep", "-m", "none", "--seeds", "0", "-r", "diverges.yaml", "-r", "tiny", "--set", SETS[0], "--name", "f", "-q"), workdir, dict(os.environ), 300)
-    cli.close()
     assert retry.returncode == 1, retry.stderr
     assert "0 ran, 1 already done, 1 failed" in " ".join(retry.stdout.split()) and "non-finite loss" in retry.stdout
 
@@ -75,7 +74,6 @@ def test_two_workers_share_one_grid_without_running_a_cell_twice(workdir):
     args = ("sweep", "-m", "none", "-m", "kd", "--seeds", "0-2", "-r", "tiny", "--set", SETS[0], "--name", "two", "-q")
     with ThreadPoolExecutor(2) as pool:
         workers = list(pool.map(lambda _: cli.run(args, workdir, env, 600), range(2)))
-    cli.close()
     outs = [(w.stdout, w.stderr) for w in workers]
     assert all(w.returncode == 0 for w in workers), outs
     students = _students()
