@@ -35,6 +35,7 @@ from kdbench.engine import build_state, close_loader, eval_loader, evaluate, tra
 from kdbench.errors import UserError
 from kdbench.methods import method_for, registry
 from kdbench.models import build_model
+from kdbench.models.complexity import multiply_adds
 from kdbench.progress import make_progress
 from kdbench.recipe import Recipe, load_recipe, per_method_config
 from kdbench.runtime import Runtime, make_runtime
@@ -236,6 +237,8 @@ def benchmark(
                 teacher = _teacher_for(recipe, cls.teacher_requirements(cfg), k, teachers) if cls.needs_teacher else None
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student, k, pretrained=False)
+            if not states:  # the floor's models: what one image costs them at the crop
+                macs = {"teacher": multiply_adds(teacher, recipe.train.crop_size), "student": multiply_adds(student, recipe.train.crop_size)}
             method = method_for(name, cfg, student, teacher, k) if row.presets else None
             state = build_state(student, method, teacher, train_cfg, rt)
             for i in range(warmup):
@@ -285,6 +288,7 @@ def benchmark(
         "threads": torch.get_num_threads(),
         "batch_size": recipe.train.batch_size,
         "crop_size": list(recipe.train.crop_size),
+        "multiply_adds": macs,
         "teacher": f"{recipe.teacher.arch}/{recipe.teacher.backbone} OS{recipe.teacher.output_stride}",
         "student": f"{recipe.student.arch}/{recipe.student.backbone} OS{recipe.student.output_stride}",
         "num_classes": k,
@@ -348,6 +352,13 @@ def print_result(result: BenchResult, out: Console) -> None:
                 f"{one / ev_row.median_ms:.2f}",
             )
         out.print(table)
+    macs, floor = st["multiply_adds"], result.rows[0]
+    # a backward costs about two forwards: the floor's step is the teacher's forward and three of the student's
+    step = st["batch_size"] * (macs["teacher"] + 3 * macs["student"])
+    out.print(
+        f"multiply-adds per image at the crop: teacher {macs['teacher'] / 1e9:.2f} G, student {macs['student'] / 1e9:.2f} G; "
+        f"the floor's step (a backward counted as two forwards) {step / 1e9:.1f} G, {2 * step / floor.median_ms / 1e9:.3g} TFLOP/s"
+    )
     ld = result.loader
     if "images_per_s" in ld:
         out.print(f"loader: {ld['images_per_s']:.0f} images/s with {ld['workers']} workers ({ld['batches']} batches)")

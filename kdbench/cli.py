@@ -233,6 +233,8 @@ def bench(
     a method that runs the teacher (noise: such a step cannot be cheaper than the floor). On a GPU
     the table also shows the extra memory one step allocates. A second table times the student's
     evaluation (the run's eval loader, scales and flip) per image at batch 1 and at eval.batch_size.
+    A line gives the models' multiply-adds per image at the crop and the rate the floor's step
+    reaches (TFLOP/s, a backward counted as two forwards: against the device's peak, how busy it is).
     The loader line times the recipe's training data with its workers.
     """
     import json
@@ -482,7 +484,7 @@ def table_cmd(
     metric: Annotated[str, typer.Option(help="miou or pixel_acc: the final evaluation on val; or a kdbench eval result, e.g. eval/s1_flip/miou.")] = "miou",
     per_class: Annotated[bool, typer.Option("--per-class", help="The per-class IoU table instead (mean over seeds), one per (dataset, student) column, or the one --group names.")] = False,
     group: Annotated[Optional[str], typer.Option(help="With --per-class: only the column whose name (DATASET: ARCH/BACKBONE) contains this, e.g. resnet18.")] = None,
-    extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, the student's parameters, wall time per run (MLflow start to end) and training throughput (images/s). FLOPs are not logged.")] = False,
+    extra: Annotated[bool, typer.Option("--extra", help="Also the other metric, the model's parameters and multiply-adds (GMACs, one image at the training crop: what papers call FLOPs), wall time per run (MLflow start to end) and training throughput (images/s). Runs logged before kdbench counted multiply-adds show – there.")] = False,
     out_file: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the table to this file instead of printing it.")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store to read; default: $MLFLOW_TRACKING_URI, else ./kdbench-out/mlflow.db.")] = None,
 ) -> None:

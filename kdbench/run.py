@@ -26,6 +26,7 @@ from kdbench.errors import Stopped, UserError
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import RELEASED, build_model, from_released
+from kdbench.models.complexity import multiply_adds
 from kdbench.progress import make_console, per_class_table
 from kdbench.recipe import ModelConfig, Recipe, dump_yaml, flatten, teacher_key, teacher_recipe
 from kdbench.runtime import Runtime, make_runtime
@@ -420,7 +421,12 @@ def _log_final(
     run_dir: Path,
     step: int,
 ) -> None:
-    final = {Metric.MIOU: metrics.miou, Metric.PIXEL_ACC: metrics.pixel_acc, Metric.PARAMS: sum(p.numel() for p in model.parameters())}
+    final = {
+        Metric.MIOU: metrics.miou,
+        Metric.PIXEL_ACC: metrics.pixel_acc,
+        Metric.PARAMS: sum(p.numel() for p in model.parameters()),
+        Metric.MULTIPLY_ADDS: multiply_adds(model, recipe.train.crop_size),
+    }
     for name, iou in zip(class_names, metrics.iou):
         if iou == iou:  # NaN: the class never occurs in this split
             final[f"iou/{name}"] = iou

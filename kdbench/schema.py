@@ -66,6 +66,8 @@ class Metric:
     SKIPPED_STEPS = "train/skipped_steps"  #: steps with a non-finite loss that updated nothing (train.on_nonfinite=skip)
     SELECTED_STEP = "selected_step"  #: train.select=best: the step whose weights the run reports
     PARAMS = "model/params"  #: parameters of the trained model (the student's, in a student run)
+    #: its multiply-adds on one image at the training crop (papers' "FLOPs"; kdbench.models.complexity)
+    MULTIPLY_ADDS = "model/multiply_adds"
     LOSS_TOTAL = "loss/total"
     IOU_PREFIX = "iou/"
     LOSS_PREFIX = "loss/"

@@ -266,6 +266,7 @@ def select_runs(runs: pd.DataFrame, metric: str = Metric.MIOU, newest_only: bool
             "other": pd.to_numeric(column(runs, metric_col(_other(metric))), errors="coerce"),
             "images_per_s": pd.to_numeric(column(runs, metric_col(Metric.IMAGES_PER_S)), errors="coerce"),
             "params": pd.to_numeric(column(runs, metric_col(Metric.PARAMS)), errors="coerce"),
+            "multiply_adds": pd.to_numeric(column(runs, metric_col(Metric.MULTIPLY_ADDS)), errors="coerce"),
             "wall_s": (end - start).dt.total_seconds(),
             "start": start,
         },
@@ -348,7 +349,7 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
             rows = teachers[(teachers["dataset"] == g.dataset) & (teachers["student"] == tch) & (teachers["teacher_opts"].map(repr) == repr(topts))]
             if rows.empty and metric == Metric.MIOU:  # trained in another store: its students carry its mIoU
                 taught = taught_by[(taught_by["teacher"] == tch) & (taught_by["teacher_opts"].map(repr) == repr(topts)) & taught_by["teacher_miou"].notna()]
-                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan, params=math.nan)
+                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan, params=math.nan, multiply_adds=math.nan)
             runs_of[(Variant(Role.TEACHER, "none", "-", topts, teacher=tch), g)] = rows
     teacher_rows = sorted({v for v, _ in runs_of if v.is_teacher}, key=lambda v: (v.teacher, len(v.options), v.options))
     student_rows = sorted({v for v, _ in runs_of if not v.is_teacher}, key=lambda v: (v.setting, not v.is_plain, v.method, v.preset, v.options))
@@ -386,7 +387,7 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
     frame = frame.set_index(["variant", "group"], drop=False)
     cols = ["label", "role", "method", "preset", "options", "setting", "dataset", "student", "metric", "n", "seeds", "mean", "std",
             "delta", "n_paired", "t", "p", "ci_low", "ci_high", "within_noise", "best", _other(metric), "wall_s", "images_per_s", "params",
-            "run_ids", "variant", "group"]
+            "multiply_adds", "run_ids", "variant", "group"]
     return ComparisonTable(metric, variants, groups, frame[cols], _other(metric), rows_of)
 
 
@@ -403,6 +404,7 @@ def _cell(values: dict[Any, float], rows: pd.DataFrame, other: str) -> dict[str,
         "wall_s": float(rows["wall_s"].mean()) if n else math.nan,
         "images_per_s": float(rows["images_per_s"].mean()) if n else math.nan,
         "params": float(rows["params"].mean()) if n else math.nan,
+        "multiply_adds": float(rows["multiply_adds"].mean()) if n else math.nan,
     }
 
 
@@ -478,9 +480,13 @@ def _signed(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
+def _giga(x: float) -> str:
+    return f"{x / 1e9:.2f}" if x < 1e10 else f"{x / 1e9:.1f}"
+
+
 def _grid(table: ComparisonTable, extra: bool) -> Grid:
     name = metric_label(table.metric)
-    sub = [name, "Δ", "95% CI", "p"] + ([metric_label(table.other_metric), "params", "wall", "img/s"] if extra else [])
+    sub = [name, "Δ", "95% CI", "p"] + ([metric_label(table.other_metric), "params", "GMACs", "wall", "img/s"] if extra else [])
     header = ["method"] + sub * len(table.groups)
     rows: list[list[Cell]] = []
     for v in table.variants:
@@ -489,7 +495,7 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
             c = table.cell(v, g)
             if c["n"] == 0:
                 row += [Cell(MISSING)] + [Cell("" if v.is_teacher or v.is_plain else MISSING)] * 3
-                row += [Cell(MISSING)] * 4 if extra else []
+                row += [Cell(MISSING)] * 5 if extra else []
                 continue
             spread = f" ± {_pct(c['std'])}" if c["n"] > 1 else ""
             row.append(Cell(f"{_pct(c['mean'])}{spread} ({c['n']})", bold=bool(c["best"])))
@@ -504,10 +510,11 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
                 ci = f"[{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]"
                 row += [Cell(_signed(c["delta"]), noise=bool(c["within_noise"])), Cell(ci), Cell(p)]
             if extra:
-                other, wall, ips, params = c[table.other_metric], c["wall_s"], c["images_per_s"], c["params"]
+                other, wall, ips, params, macs = (c[k] for k in (table.other_metric, "wall_s", "images_per_s", "params", "multiply_adds"))
                 row += [
                     Cell(MISSING if math.isnan(other) else _pct(other)),
                     Cell(MISSING if math.isnan(params) else f"{params / 1e6:.2f} M"),
+                    Cell(MISSING if math.isnan(macs) else _giga(macs)),
                     Cell(MISSING if math.isnan(wall) else f"{wall:.0f} s"),
                     Cell(MISSING if math.isnan(ips) else f"{ips:.1f}"),
                 ]
@@ -524,7 +531,10 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
         f"~: {NOISE_NOTE}; no test: fewer than 2 shared seeds; {MISSING}: no finished run (Δ: or no plain student to compare with)."
     )
     if extra:
-        note += " params: the trained model's parameters; wall: MLflow run start to end (evaluation included); img/s: training throughput (last logged value)."
+        note += (
+            " params: the trained model's parameters; GMACs: its multiply-adds (1e9) on one image at the training crop, of "
+            "convolutions and matrix products (what papers call FLOPs); wall: MLflow run start to end (evaluation included); img/s: training throughput (last logged value)."
+        )
     return Grid([(g.label, len(sub)) for g in table.groups], header, rows, rules, note)
 
 
@@ -655,7 +665,7 @@ def table_csv(table: ComparisonTable) -> str:
         out[f"{col}_pct"] = 100 * f[col]
     out["n_paired"], out["t"], out["p"] = f["n_paired"], f["t"], f["p"]
     out["within_noise"], out["best"] = f["within_noise"], f["best"]
-    out["wall_s"], out["images_per_s"], out["params"] = f["wall_s"], f["images_per_s"], f["params"]
+    out["wall_s"], out["images_per_s"], out["params"], out["multiply_adds"] = f["wall_s"], f["images_per_s"], f["params"], f["multiply_adds"]
     return out.to_csv(index=False)
 
 

@@ -131,6 +131,14 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["setting"]["device"] == "cpu" and data["setting"]["batch_size"] == 4
     assert f"ms per training step on cpu: {data['setting']['cpu']}, fp32" in r.stdout  # which CPU: timings depend on it
+    from kdbench.models import build_model
+    from kdbench.models.complexity import multiply_adds
+
+    tiny = load_recipe("tiny")
+    macs = {role: multiply_adds(build_model(getattr(tiny, role), 9, pretrained=False), tiny.train.crop_size) for role in ("teacher", "student")}
+    assert data["setting"]["multiply_adds"] == macs and macs["teacher"] > 0 and macs["student"] > 0
+    step, ms = 4 * (macs["teacher"] + 3 * macs["student"]), data["rows"][0]["ms_per_step"]["median"]
+    assert f"the floor's step (a backward counted as two forwards) {step / 1e9:.1f} G, {2 * step / ms / 1e9:.3g} TFLOP/s" in r.stdout
     floor, *rows = data["rows"]
     assert floor["method"] == "floor" and floor["x_floor"]["rounds"] == [1.0, 1.0, 1.0]
     presets = [(row["method"], row["presets"], row["runs_by_default"]) for row in rows]

@@ -158,3 +158,30 @@ def test_bad_configuration_is_a_user_error(kwargs: dict, message: str) -> None:
     args = {"arch": "deeplabv3plus", "backbone": "resnet10t", **kwargs}
     with pytest.raises(UserError, match=message):
         create_model(args.pop("arch"), args.pop("backbone"), 3, **args)
+
+
+class _Probe(torch.nn.Module):
+    """A strided conv, a dilated grouped conv, a BatchNorm and a matrix product: multiply-adds by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)  # 8 x 10 -> 4 x 5
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)  # 4 x 5 -> 4 x 5
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.b(self.a(x)))
+        return self.fc(y.flatten(2).transpose(1, 2))  # each of the 20 positions: 4 -> 6
+
+
+def test_multiply_adds_by_hand_without_computing_anything() -> None:
+    from kdbench.models.complexity import multiply_adds
+
+    probe = _Probe().train()
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    # a: 20 positions x 4 out x 3 in x 9; b: 20 x 4 out x (4 / 2 groups) in x 9; fc: 20 x 6 x 4
+    assert multiply_adds(probe, (8, 10)) == 20 * 4 * 3 * 9 + 20 * 4 * 2 * 9 + 20 * 6 * 4 == 4080
+    assert probe.training and all(torch.equal(v, before[k]) for k, v in probe.state_dict().items())  # BN statistics untouched
+    model = create_model("deeplabv3plus", "resnet18", num_classes=5, **SMALL)
+    assert multiply_adds(model, (64, 96)) > 1.4 * multiply_adds(model, (64, 64))  # grows with the image

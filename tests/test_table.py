@@ -76,8 +76,13 @@ def test_table_of_real_runs(store):
     base = np.mean([_miou(store["none", s]) for s in (0, 1, 2)])
     assert math.isclose(c["delta"], c["mean"] - base) and c["n_paired"] == 3
     from kdbench.models import build_model
+    from kdbench.models.complexity import multiply_adds
 
-    assert c["params"] == sum(p.numel() for p in build_model(load_recipe("tiny").student, 9).parameters())
+    tiny = load_recipe("tiny")
+    assert c["params"] == sum(p.numel() for p in build_model(tiny.student, 9).parameters())
+    assert c["multiply_adds"] == multiply_adds(build_model(tiny.student, 9), tiny.train.crop_size)
+    extra = render(table, "md", extra=True)
+    assert "| GMACs |" in extra and f"| {c['multiply_adds'] / 1e9:.2f} |" in next(x for x in extra.splitlines() if x.startswith("| kd (cirkd) |"))
     assert table.cell(kd_t2, plus)["n"] == 1 and math.isclose(table.cell(kd_t2, plus)["mean"], _miou(store["kd-t2", 0]))
     assert table.cell(teacher, plus)["n"] == 1 and table.cell(teacher, plain_col)["n"] == 1  # one teacher taught both
     assert math.isclose(table.cell(none, plain_col)["mean"], _miou(store["other", 0]))
