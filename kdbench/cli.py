@@ -181,7 +181,7 @@ def eval_(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also average the horizontally flipped image at every scale. Default: the recipe's eval.flip.")] = None,
     save_predictions: Annotated[Optional[str], typer.Option("--save-predictions", help="Also write one PNG per val image to this folder: the predicted class ids in palette mode with the dataset's colours, named after the image id.")] = None,
     device: DeviceOpt = None,
-    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store holding the run and getting the result; default: $MLFLOW_TRACKING_URI, else ./kdbench-out/mlflow.db.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store holding the run and getting the result; default: $MLFLOW_TRACKING_URI, else ./kdbench-out/mlflow.db, and for a run's checkpoint whose run is not there, the store of the output folder it sits in.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a trained student or teacher on the val split, at several scales and/or flipped as papers report.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,6 +155,21 @@ def _get_run(run_id: str | None, uri: str) -> Any | None:
         return None
 
 
+def _run_of_file(path: Path, run_id: str | None, uri: str, store_named: bool) -> tuple[Any | None, str]:
+    """(run, store) of the run that wrote checkpoint ``path``: in ``uri``, else, where no store was
+    named, in the store of the output root the checkpoint sits in (``ROOT/METHOD-HASH/last.pt``
+    beside ``ROOT/mlflow.db``: a run made with ``--set output_dir=ROOT``)."""
+    from kdbench.outputs import STORE, use_tracking
+
+    run = _get_run(run_id, uri)
+    if run is not None or not run_id or store_named:
+        return run, uri
+    beside = use_tracking(f"sqlite:///{path.resolve().parent.parent / STORE}")
+    if beside != uri and (run := _get_run(run_id, beside)) is not None:
+        return run, beside
+    return None, use_tracking(uri)
+
+
 def _run_roles(run: Any, default: tuple[str, ...]) -> tuple[str, ...]:
     tags = run.data.tags
     role = tags.get(Tag.ROLE)
@@ -240,12 +256,13 @@ def evaluate_checkpoint(
     from kdbench.tracking import check_reachable
 
     scale_list = parse_scales(scales)
+    store_named = tracking_uri is not None or "MLFLOW_TRACKING_URI" in os.environ  # before MLflow sets the variable
     uri = use_tracking(tracking_uri)
     check_reachable()
     path = _file(target)
     if path is not None:
         weights: Weights | None = read_weights(path)
-        run = _get_run(weights.named_run, uri)
+        run, uri = _run_of_file(path, weights.named_run, uri, store_named)
         if run is not None:
             weights = dataclasses.replace(weights, run_id=run.info.run_id, roles=_run_roles(run, weights.roles))
     else:

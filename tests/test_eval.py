@@ -166,3 +166,36 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, monkeypatch):
         assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, (args, err)
     assert err.strip().endswith("pass the --recipe and --set options it was trained with")
     assert logged(result.run_id) == before  # a refused evaluation logs nothing
+
+
+def test_a_checkpoint_finds_its_run_in_the_store_beside_it(trained, tmp_path, monkeypatch):
+    """A run made with `--set output_dir=ROOT` keeps its store in ROOT: `kdbench eval ROOT/.../last.pt`,
+    from another folder and with no store named, logs to that run there (and makes no other store)."""
+    import os
+    import shutil
+
+    from kdbench.errors import UserError
+    from kdbench.outputs import sqlite_file
+
+    result, _ = trained
+    store = os.environ["MLFLOW_TRACKING_URI"]
+    root = tmp_path / "exp1"
+    ckpt = root / result.checkpoint.parent.name / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(result.checkpoint, ckpt)
+    shutil.copy(sqlite_file(store), root / "mlflow.db")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    try:
+        out = evaluate_checkpoint(str(ckpt), flip=True, quiet=True)
+        assert out.run_id == result.run_id and not out.new_run
+        beside = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(result.run_id).data.metrics
+        assert beside[Metric.evaluation("s1_flip", Metric.MIOU)] == pytest.approx(out.metrics.miou)
+        assert list(elsewhere.iterdir()) == []  # no empty store where the command ran
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'named.db'}")  # a store named: only it
+        with pytest.raises(UserError, match=f"which is not in the store sqlite:///{tmp_path / 'named.db'}"):
+            evaluate_checkpoint(str(ckpt), quiet=True)
+    finally:
+        mlflow.set_tracking_uri(store)
