@@ -481,7 +481,8 @@ def _signed(x: float) -> str:
 
 
 def _giga(x: float) -> str:
-    return f"{x / 1e9:.2f}" if x < 1e10 else f"{x / 1e9:.1f}"
+    """Three significant digits (0.0449, 42.7), whole numbers from 100 (1986)."""
+    return f"{x / 1e9:.3g}" if x < 1e11 else f"{x / 1e9:.0f}"
 
 
 def _grid(table: ComparisonTable, extra: bool) -> Grid:
