@@ -480,7 +480,7 @@ def _signed(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
-def _giga(x: float) -> str:
+def giga(x: float) -> str:
     """Three significant digits (0.0449, 42.7), whole numbers from 100 (1986)."""
     return f"{x / 1e9:.3g}" if x < 1e11 else f"{x / 1e9:.0f}"
 
@@ -515,7 +515,7 @@ def _grid(table: ComparisonTable, extra: bool) -> Grid:
                 row += [
                     Cell(MISSING if math.isnan(other) else _pct(other)),
                     Cell(MISSING if math.isnan(params) else f"{params / 1e6:.2f} M"),
-                    Cell(MISSING if math.isnan(macs) else _giga(macs)),
+                    Cell(MISSING if math.isnan(macs) else giga(macs)),
                     Cell(MISSING if math.isnan(wall) else f"{wall:.0f} s"),
                     Cell(MISSING if math.isnan(ips) else f"{ips:.1f}"),
                 ]
