@@ -15,7 +15,7 @@ from mlflow.entities import RunStatus
 
 import kdbench
 from kdbench.checkpoint import exclusive
-from kdbench.outputs import OUTPUT_ROOT, artifact_location, sqlite_file, use_tracking
+from kdbench.outputs import OUTPUT_ROOT, STORE, artifact_location, sqlite_file, use_tracking
 from kdbench.schema import Tag, encode_param
 
 
@@ -76,9 +76,11 @@ def read_store(uri: str | None = None, command: str = "table") -> str:
     uri = use_tracking(uri)
     db = sqlite_file(uri)
     if db is not None and not db.is_file():
+        found = sorted(Path.cwd().glob(f"*/{STORE}"))[:3]  # output roots here (`--set output_dir=...`)
+        here = f"; stores in this folder: {', '.join(f'--tracking-uri sqlite:///{f}' for f in found)}" if found else ""
         raise UserError(
             f"no MLflow store at {uri}; run the {command} where the runs were made (or `kdbench run --method kd` first), "
-            "or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store that has them"
+            f"or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store that has them{here}"
         )
     check_reachable()
     return uri

@@ -381,6 +381,12 @@ def test_cli_missing_or_empty_store_is_one_line_exit_2(tmp_path, store):
     assert r.returncode == 2
     assert r.stderr.startswith("error: no MLflow store at sqlite:///") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tracking-uri" in r.stderr and not (tmp_path / "nosuch.db").exists()  # reading creates no store
+    assert "stores in this folder" not in r.stderr
+    (tmp_path / "exp1").mkdir()
+    (tmp_path / "exp1" / "mlflow.db").touch()  # the store of a run made with --set output_dir=exp1
+    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "table"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.strip().endswith(f"; stores in this folder: --tracking-uri sqlite:///{tmp_path / 'exp1' / 'mlflow.db'}")
     with pytest.raises(UserError, match=r"no finished runs in experiment\(s\) Default of sqlite:///.*kdbench run --method kd"):
         load_runs(["Default"])  # a store that exists, without runs
 
