@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 from kdbench.cli import app
 from kdbench.errors import UserError
 from kdbench.methods import resolve_config
+from kdbench.outputs import use_tracking
 from kdbench.recipe import load_recipe
 from kdbench.run import run
 from kdbench.schema import Metric, Param, Role, RunCol, Tag, encode_param, metric_col, param_col, tag_col
 from kdbench.table import MISSING, build_table, format_for, load_runs, paired_test, per_class_tables, render, render_classes
+from kdbench.tracking import read_store
 
 # as short as a run gets: two steps, one evaluation at the end, no checkpoints in between
 SHORT = ["train.iterations=2", "train.eval_interval=0", "train.checkpoint_interval=0", "train.log_interval=1"]
@@ -382,13 +384,19 @@ def test_cli_missing_or_empty_store_is_one_line_exit_2(tmp_path, store):
     assert r.stderr.startswith("error: no MLflow store at sqlite:///") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--tracking-uri" in r.stderr and not (tmp_path / "nosuch.db").exists()  # reading creates no store
     assert "stores in this folder" not in r.stderr
-    (tmp_path / "exp1").mkdir()
-    (tmp_path / "exp1" / "mlflow.db").touch()  # the store of a run made with --set output_dir=exp1
-    r = subprocess.run([sys.executable, "-m", "kdbench.cli", "table"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.strip().endswith(f"; stores in this folder: --tracking-uri sqlite:///{tmp_path / 'exp1' / 'mlflow.db'}")
     with pytest.raises(UserError, match=r"no finished runs in experiment\(s\) Default of sqlite:///.*kdbench run --method kd"):
         load_runs(["Default"])  # a store that exists, without runs
+    (tmp_path / "exp1").mkdir()
+    (tmp_path / "exp1" / "mlflow.db").touch()  # the store of a run made with --set output_dir=exp1
+    store_uri = os.environ["MLFLOW_TRACKING_URI"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        try:
+            with pytest.raises(UserError) as err:
+                read_store(f"sqlite:///{tmp_path / 'nosuch.db'}")
+        finally:
+            use_tracking(store_uri)  # MLflow keeps the URI it was last given
+    assert str(err.value).endswith(f"; stores in this folder: --tracking-uri sqlite:///{tmp_path / 'exp1' / 'mlflow.db'}")
 
 
 def test_tracking_uri_names_the_store_table_and_plot_read(store, shared_workdir, tmp_path, monkeypatch):
