@@ -1,6 +1,6 @@
 """A model's cost as segmentation papers report it beside its parameters: the multiply-adds of one
-forward pass on one image (what CIRKD's and most papers' tables call "FLOPs (G)": convolutions and
-matrix products, one per multiply-add; normalisation, activations and resizing not counted).
+forward pass on one image (what CIRKD's counter calls "FLOPs (G)": convolutions and matrix
+products, one per multiply-add; normalisation, activations and resizing not counted).
 
 Counted by torch's FlopCounterMode (which counts two FLOPs per multiply-add) from the operations'
 real output shapes, so a dilated or strided convolution counts what it computes. The forward runs
