@@ -237,8 +237,6 @@ def benchmark(
                 teacher = _teacher_for(recipe, cls.teacher_requirements(cfg), k, teachers) if cls.needs_teacher else None
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student, k, pretrained=False)
-            if not states:  # the floor's models: what one image costs them at the crop
-                macs = {"teacher": multiply_adds(teacher, recipe.train.crop_size), "student": multiply_adds(student, recipe.train.crop_size)}
             method = method_for(name, cfg, student, teacher, k) if row.presets else None
             state = build_state(student, method, teacher, train_cfg, rt)
             for i in range(warmup):
@@ -275,6 +273,8 @@ def benchmark(
                 row.profile = profile_step(state, batches, steps, profile)
                 bar.advance(task)
     where = rt.describe()
+    floor = states[0]  # what one image costs the floor's models at the crop
+    macs = {role: multiply_adds(getattr(floor, role), recipe.train.crop_size) for role in ("teacher", "student")}
     setting = {
         "recipe": recipe.benchmark,
         "device": where["runtime.device"],

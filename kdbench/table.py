@@ -35,6 +35,8 @@ METRICS: dict[str, str] = {Metric.MIOU: "mIoU", Metric.PIXEL_ACC: "pixel acc"}
 RESAMPLES = 10_000  #: bootstrap resamples of the paired differences
 ALPHA = 0.05  #: p-value at or above which a difference is "within noise"
 MISSING = "–"  #: a cell without a finished run
+#: what each run measured besides the metric: a cell shows their mean over its runs
+RUN_NUMBERS = ("wall_s", "images_per_s", "params", "multiply_adds")
 NOISE_NOTE = "within noise: the 95% bootstrap CI of the paired difference contains 0 or p ≥ 0.05"
 
 
@@ -349,7 +351,7 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
             rows = teachers[(teachers["dataset"] == g.dataset) & (teachers["student"] == tch) & (teachers["teacher_opts"].map(repr) == repr(topts))]
             if rows.empty and metric == Metric.MIOU:  # trained in another store: its students carry its mIoU
                 taught = taught_by[(taught_by["teacher"] == tch) & (taught_by["teacher_opts"].map(repr) == repr(topts)) & taught_by["teacher_miou"].notna()]
-                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, wall_s=math.nan, images_per_s=math.nan, params=math.nan, multiply_adds=math.nan)
+                rows = taught.drop_duplicates("teacher_miou").assign(value=lambda f: f["teacher_miou"], seed="-", other=math.nan, **dict.fromkeys(RUN_NUMBERS, math.nan))
             runs_of[(Variant(Role.TEACHER, "none", "-", topts, teacher=tch), g)] = rows
     teacher_rows = sorted({v for v, _ in runs_of if v.is_teacher}, key=lambda v: (v.teacher, len(v.options), v.options))
     student_rows = sorted({v for v, _ in runs_of if not v.is_teacher}, key=lambda v: (v.setting, not v.is_plain, v.method, v.preset, v.options))
@@ -386,8 +388,8 @@ def build_table(runs: pd.DataFrame, metric: str = Metric.MIOU, resamples: int = 
     frame["best"] = is_student & frame["mean"].notna() & np.isclose(frame["mean"], best.reindex(frame.index), rtol=0, atol=1e-12)
     frame = frame.set_index(["variant", "group"], drop=False)
     cols = ["label", "role", "method", "preset", "options", "setting", "dataset", "student", "metric", "n", "seeds", "mean", "std",
-            "delta", "n_paired", "t", "p", "ci_low", "ci_high", "within_noise", "best", _other(metric), "wall_s", "images_per_s", "params",
-            "multiply_adds", "run_ids", "variant", "group"]
+            "delta", "n_paired", "t", "p", "ci_low", "ci_high", "within_noise", "best", _other(metric), *RUN_NUMBERS,
+            "run_ids", "variant", "group"]
     return ComparisonTable(metric, variants, groups, frame[cols], _other(metric), rows_of)
 
 
@@ -401,10 +403,7 @@ def _cell(values: dict[Any, float], rows: pd.DataFrame, other: str) -> dict[str,
         "mean": float(x.mean()) if n else math.nan,
         "std": float(x.std(ddof=1)) if n > 1 else math.nan,
         other: float(rows["other"].mean()) if n else math.nan,
-        "wall_s": float(rows["wall_s"].mean()) if n else math.nan,
-        "images_per_s": float(rows["images_per_s"].mean()) if n else math.nan,
-        "params": float(rows["params"].mean()) if n else math.nan,
-        "multiply_adds": float(rows["multiply_adds"].mean()) if n else math.nan,
+        **{k: float(rows[k].mean()) if n else math.nan for k in RUN_NUMBERS},
     }
 
 
@@ -666,7 +665,8 @@ def table_csv(table: ComparisonTable) -> str:
         out[f"{col}_pct"] = 100 * f[col]
     out["n_paired"], out["t"], out["p"] = f["n_paired"], f["t"], f["p"]
     out["within_noise"], out["best"] = f["within_noise"], f["best"]
-    out["wall_s"], out["images_per_s"], out["params"], out["multiply_adds"] = f["wall_s"], f["images_per_s"], f["params"], f["multiply_adds"]
+    for col in RUN_NUMBERS:
+        out[col] = f[col]
     return out.to_csv(index=False)
 
 
