@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.pristine_store import seed_store
+
 SERVER = r"""
 import json, os, select, signal, sys, traceback
 import kdbench.cli
@@ -86,7 +88,7 @@ while not closed:
 
 def store_env(cwd: Path) -> dict[str, str]:
     """This process's environment with a command's own teacher cache and MLflow store under ``cwd``."""
-    return {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return {**os.environ, "KDBENCH_CACHE": str(cwd / "cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{seed_store(cwd / 'mlflow.db')}"}
 
 
 @dataclass

@@ -2,8 +2,11 @@
 
 import pytest
 
+from tests.pristine_store import seed_store
+
 
 def _isolate(mp: pytest.MonkeyPatch, path) -> None:
+    seed_store(path / "mlflow.db")
     mp.chdir(path)
     mp.setenv("KDBENCH_CACHE", str(path / "cache"))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_fork import ForkedCLI, Result
+from tests.pristine_store import seed_store
 
 #: the set-up run every case marked `after_run` needs (a teacher cached, a student checkpoint, a store)
 RUN_SETS = ["--set", "teacher.iterations=2", "--set", "train.iterations=2", "--set", "train.eval_interval=0", "--set", "train.checkpoint_interval=1"]
@@ -208,7 +209,7 @@ def _after_run(d: Path) -> None:
 
 def _env(d: Path, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("KDBENCH_VOC_ROOT", "KDBENCH_CITYSCAPES_ROOT")}
-    env.update(KDBENCH_CACHE=str(d / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{d / 'mlflow.db'}")
+    env.update(KDBENCH_CACHE=str(d / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{seed_store(d / 'mlflow.db')}")
     env.update(extra)
     return env
 
@@ -226,7 +227,8 @@ def results(request, tmp_path_factory):
     wanted = {item.callspec.params["c"].id for item in request.session.items if item.module is sys.modules[__name__] and hasattr(item, "callspec")}
     cases = [c for c in CASES if c.id in wanted]
     d = tmp_path_factory.mktemp("bad_input")
-    (d / "empty.db").write_bytes(b"")
+    (d / "empty.db").write_bytes(b"")  # a zero-byte file: MLflow makes its tables on first use
+    seed_store(d / "worker.db")  # the bad-label run's own store
     futures = {}
     cli = ForkedCLI(d / "cli")
     with ThreadPoolExecutor(max_workers=3) as pool:
