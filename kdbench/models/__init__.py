@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from kdbench.errors import UserError
@@ -126,6 +125,9 @@ def create_model(
             attention_taps=tuple(attention_taps),
         )
     check_model_args(output_stride, tuple(attention_taps), pretrained)
+    import timm  # here, not at the top: it imports torchvision and torch._dynamo (2-3 s), which the
+    # commands that only read runs (table, plot) and import the methods (CBAM) need not pay
+
     if not timm.is_model(backbone):
         raise UserError(f"backbone: timm has no model {backbone!r} (see timm.list_models('resnet*'))")
     try:
