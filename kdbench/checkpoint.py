@@ -5,10 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,39 +65,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextmanager
-def exclusive(lock_file: Path, waiting: str | None = None, what: str = "cache_dir") -> Iterator[None]:
-    """An exclusive file lock for making a cache entry: processes that need the same entry at once
-    (a sweep's workers, two terminals) make it once; the others print ``waiting`` (if given) and
-    wait, then find it made. The kernel drops the lock of a killed holder."""
-    import fcntl
-
-    writable_folder(lock_file.parent, what)
-    with open(lock_file, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                print(waiting, file=sys.stderr, flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def writable_folder(folder: str | Path, what: str) -> Path:
-    """The folder, created if needed; one line (naming the recipe key ``what``) if it cannot be
-    written, before any work rather than at the first checkpoint."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise UserError(f"{what}: cannot write in {folder} ({err.strerror or err}); choose another with --set {what}=DIR") from None
-    return folder
 
 
 def _numpy_scalars() -> list[Any]:

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
-from kdbench.checkpoint import exclusive, load, save_atomic, verify_checksum, writable_folder, write_checksum
+from kdbench.checkpoint import load, save_atomic, verify_checksum, write_checksum
+from kdbench.folders import exclusive, writable_folder
 from kdbench.data import Splits, load_splits, resolve_cache_dir
 from kdbench.engine import BEST_FILE, LoopHooks, best_miou, best_weights, build_state, close_loader, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError

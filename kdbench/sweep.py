@@ -155,7 +155,7 @@ def _claim(study: Any, storage: Any, cells: set[str], lock: Path | None) -> Any 
     are left for their own workers."""
     from optuna.trial import TrialState
 
-    from kdbench.checkpoint import exclusive
+    from kdbench.folders import exclusive
 
     with exclusive(lock, what="--storage") if lock is not None else nullcontext():
         for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):

@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 import kdbench
-from kdbench.checkpoint import exclusive
+from kdbench.folders import exclusive
 from kdbench.outputs import OUTPUT_ROOT, STORE, artifact_location, sqlite_file, use_tracking
 from kdbench.schema import Tag, encode_param
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from kdbench.checkpoint import exclusive
+from kdbench.folders import exclusive
 from kdbench.errors import UserError
 from kdbench.progress import make_progress
 
