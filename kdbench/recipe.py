@@ -21,7 +21,6 @@ import yaml
 
 from kdbench.errors import UserError, did_you_mean
 from kdbench.outputs import OUTPUT_ROOT
-from kdbench.runtime import check_device_setting
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -426,6 +425,16 @@ def load_recipe(
     if isinstance(benchmark_settings, dict):
         raw["method"] = {**benchmark_settings, **section}
     return validate(_build(Recipe, raw, ""))
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def check_device_setting(setting: str) -> str:
+    """The spelling of ``runtime.device`` (checked when a recipe loads, before any GPU is looked for)."""
+    if not DEVICE_PATTERN.match(setting):
+        raise UserError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {setting!r}")
+    return setting
 
 
 def validate(recipe: Recipe) -> Recipe:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from kdbench.errors import UserError
+from kdbench.recipe import check_device_setting
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,13 +283,6 @@ def process_env() -> tuple[int, int, int, int]:
 
 def is_main_process() -> bool:
     return process_env()[0] == 0
-
-
-def check_device_setting(setting: str) -> str:
-    """The spelling of ``runtime.device`` (checked when a recipe loads, before any GPU is looked for)."""
-    if not DEVICE_PATTERN.match(setting):
-        raise UserError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {setting!r}")
-    return setting
 
 
 def resolve_device(setting: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
