@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: the training side (engine, bench) needs only the names
 
 
 class Tag:
@@ -184,6 +185,8 @@ def metric_col(name: str) -> str:
 def column(frame: pd.DataFrame, name: str) -> pd.Series:
     """A column of a ``search_runs`` frame, or all-NaN where no run has it (MLflow leaves out a
     column no run logged)."""
+    import pandas as pd
+
     return frame[name] if name in frame.columns else pd.Series(math.nan, index=frame.index, dtype=object)
 
 
@@ -197,5 +200,7 @@ def search_runs(experiments: list[str] | None = None, filter_string: str = "", u
     if experiments is None:
         experiments = [e.name for e in mlflow.search_experiments() if e.name.startswith("kdbench-")]
         if not experiments:
+            import pandas as pd
+
             return pd.DataFrame()
     return mlflow.search_runs(experiment_names=experiments, filter_string=filter_string, output_format="pandas")
