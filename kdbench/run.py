@@ -20,10 +20,10 @@ import torch
 from rich.console import Console
 
 from kdbench.checkpoint import load, save_atomic, verify_checksum, write_checksum
-from kdbench.folders import exclusive, writable_folder
 from kdbench.data import Splits, load_splits, resolve_cache_dir
 from kdbench.engine import BEST_FILE, LoopHooks, best_miou, best_weights, build_state, close_loader, eval_loader, evaluate, load_state, run_loop
 from kdbench.errors import Stopped, UserError
+from kdbench.folders import exclusive, writable_folder
 from kdbench.methods import get_method_class, method_for, resolve_config
 from kdbench.metrics import SegMetrics
 from kdbench.models import RELEASED, build_model, from_released
