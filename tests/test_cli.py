@@ -110,6 +110,24 @@ def test_help_version_and_methods(cli, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: method: unknown method 'magic'")
 
 
+def test_commands_that_read_runs_start_without_what_only_training_needs(tmp_path):
+    """Start-up is most of a short command: the MLflow side, recipes, tuning and sweeps import
+    without torch (about 4 s here); the table and the method registry without timm, torchvision
+    and torch._dynamo (2-3 s more)."""
+    code = (
+        "import sys\n"
+        "import kdbench.tracking, kdbench.schema, kdbench.recipe, kdbench.tune, kdbench.sweep\n"
+        "print(*sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n"
+        "import kdbench.table\n"
+        "from kdbench.methods import registry\n"
+        "assert len(registry()) >= 6\n"
+        "print(*sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["pandas", ""]  # pandas: sweep tabulates the runs it found
+
+
 def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
     """A GPU machine may lack MLflow and Optuna: bench must not import them. Its typer may be older
     (0.27 on the lent H100s, without the hook the CLI uses to hide flags' types)."""
