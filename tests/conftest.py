@@ -2,19 +2,19 @@
 
 import pytest
 
-from tests.pristine_store import seed_store
+from tests.cli_fork import store_env
 
 
 def _isolate(mp: pytest.MonkeyPatch, path) -> None:
-    seed_store(path / "mlflow.db")
+    env = store_env(path)
     mp.chdir(path)
-    mp.setenv("KDBENCH_CACHE", str(path / "cache"))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    for key in ("KDBENCH_CACHE", "MLFLOW_TRACKING_URI"):
+        mp.setenv(key, env[key])
     # MLflow keeps the URI it was last given for the whole process (kdbench sets it at every entry
     # point, the tests' own mlflow.search_runs does not): start each test on its own store
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture

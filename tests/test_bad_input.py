@@ -9,7 +9,6 @@ reads its result. Usage errors already covered by tests/test_cli.py are not repe
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_fork import ForkedCLI, Result
+from tests.cli_fork import ForkedCLI, Result, store_env
 from tests.pristine_store import seed_store
 
 #: the set-up run every case marked `after_run` needs (a teacher cached, a student checkpoint, a store)
@@ -208,8 +207,7 @@ def _after_run(d: Path) -> None:
 
 
 def _env(d: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("KDBENCH_VOC_ROOT", "KDBENCH_CITYSCAPES_ROOT")}
-    env.update(KDBENCH_CACHE=str(d / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{seed_store(d / 'mlflow.db')}")
+    env = {k: v for k, v in store_env(d).items() if k not in ("KDBENCH_VOC_ROOT", "KDBENCH_CITYSCAPES_ROOT")}
     env.update(extra)
     return env
 

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from kdbench.recipe import load_recipe
-from tests.cli_fork import ForkedCLI
-from tests.pristine_store import seed_store
+from tests.cli_fork import ForkedCLI, store_env
 
 # checkpoints at steps 3 and 6 (and the end, 8), an evaluation at step 4: every fault below strikes
 # after the step-3 checkpoint and before the next one is in place
@@ -35,8 +34,7 @@ FAULTS = {  # KDBENCH_FAULT: the exit code, the MLflow status the run is left in
 
 
 def _env(d: Path, fault: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "KDBENCH_FAULT"}
-    env.update(KDBENCH_CACHE=str(d / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{seed_store(d / 'mlflow.db')}")
+    env = {k: v for k, v in store_env(d).items() if k != "KDBENCH_FAULT"}
     return {**env, "KDBENCH_FAULT": fault} if fault else env
 
 
