@@ -41,12 +41,27 @@ def test_free_attention_by_hand():
     torch.testing.assert_close(free_attention(x), expected)
 
 
-def test_batch_normalization_by_hand():
+@pytest.mark.parametrize("expanded", [False, True])
+def test_batch_normalization_by_hand(expanded):
     # one map, one pixel, two channels: (3, 4) / 5 vs (1, 0) / 1 -> (.6 - 1)^2 + .8^2 = .8
-    assert batch_normalized_distance(t64([3, 4], (1, 2, 1, 1)), t64([1, 0], (1, 2, 1, 1))).item() == pytest.approx(0.8)
+    one = batch_normalized_distance(t64([3, 4], (1, 2, 1, 1)), t64([1, 0], (1, 2, 1, 1)), expanded)
+    assert one.item() == pytest.approx(0.8)
     # the norm is over the whole batch, the sum is divided by B: (.6 - .8)^2 + (.8 - .6)^2 = .08, / 2
     fs, ft = t64([3, 4], (2, 1, 1, 1)), t64([4, 3], (2, 1, 1, 1))
-    assert batch_normalized_distance(fs, ft).item() == pytest.approx(0.04)
+    assert batch_normalized_distance(fs, ft, expanded).item() == pytest.approx(0.04)
+
+
+def test_batch_normalization_expanded_has_the_direct_forms_value_and_gradient():
+    fs = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    ft = torch.randn(3, 5, 4, 6, dtype=torch.float64) + 0.5 * fs.detach()  # correlated, as distillation's
+    values, grads = [], []
+    for expanded in (False, True):
+        d = batch_normalized_distance(fs, ft, expanded)
+        (g,) = torch.autograd.grad(d, fs)
+        values.append(d)
+        grads.append(g)
+    torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
 
 
 def test_channel_normalization_by_hand():
@@ -67,6 +82,10 @@ def test_identical_or_rescaled_maps_give_zero(normalize):
     assert attnfd_distance(x, x, normalize).item() == pytest.approx(0, abs=1e-12)
     # both normalisations remove the scale of a map
     assert attnfd_distance(3 * x, x, normalize).item() == pytest.approx(0, abs=1e-12)
+    if normalize == "batch":  # the expanded form too, and never below 0 (float32: cos may round above 1)
+        for dtype in (torch.float64, torch.float32):
+            y = x.to(dtype)
+            assert 0 <= batch_normalized_distance(y, 3 * y, expanded=True).item() < 1e-6
 
 
 @pytest.mark.parametrize("normalize", ["batch", "channel"])
