@@ -16,6 +16,8 @@
 #                    costliest operations, device time; no CUDA graphs, whose replay hides them): the
 #                    fused Triton kernels, named by the operations inductor fused into each
 #   voc_bf16_eager_profile: the same without compiling the method (aten operations by name)
+#   voc_loader:      the VOC recipe's training loader with its workers (data.workers: auto), on 300 synthetic
+#                    375x500 JPEGs in the VOC layout (results/voc_like_jpegs.py, under /tmp: that machine has no VOC)
 # Usage: bash results/gpu_bench.sh OUT_DIR [TABLE ...]   (default: every table, in the order above;
 #        JSON per table in OUT_DIR, the tables on stdout). Naming tables splits the work across
 #        commands, e.g. under a 10-minute limit per command: voc_bf16 first, the rest in a second.
@@ -27,7 +29,7 @@
 set -uo pipefail
 out=${1:-results/gpu}
 shift $(( $# > 0 ? 1 : 0 ))
-tables=${*:-voc_bf16 voc_bf16_compiled_profile cirkd_bf16 voc_bf16_others voc_bf16_no_compile_method voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile}
+tables=${*:-voc_bf16 voc_bf16_compiled_profile cirkd_bf16 voc_bf16_others voc_bf16_no_compile_method voc_bf16_eager voc_fp32_eager voc_bf16_eager_profile voc_loader}
 mkdir -p "$out"
 all="-m kd -m cwd -m skd -m ifvd -m attnfd"
 targets="-m attnfd:default -m cwd:cirkd -m skd:cirkd -m ifvd:cirkd"
@@ -60,6 +62,10 @@ for table in $tables; do
     voc_bf16_eager_profile)
         $bench --recipe voc_r101_r18 $targets --precision bf16 --set runtime.cuda_graphs=false --set runtime.compile_method=false --rounds 1 --steps 2 --warmup 2 --profile 60 \
             --json "$out/$table.json" ;;
-    *) echo "gpu_bench.sh: no table $table (voc_bf16, voc_bf16_compiled_profile, cirkd_bf16, voc_bf16_others, voc_bf16_no_compile_method, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile)" >&2; exit 2 ;;
+    voc_loader)
+        [ -d /tmp/voc_like ] || python3 "$(dirname "$0")/voc_like_jpegs.py" /tmp/voc_like
+        KDBENCH_VOC_ROOT=/tmp/voc_like python3 -m kdbench bench --device cuda --eval-images 0 --recipe voc_r101_r18 -m kd --precision bf16 \
+            --rounds 1 --loader-batches 60 --json "$out/$table.json" ;;
+    *) echo "gpu_bench.sh: no table $table (voc_bf16, voc_bf16_compiled_profile, cirkd_bf16, voc_bf16_others, voc_bf16_no_compile_method, voc_bf16_eager, voc_fp32_eager, voc_bf16_eager_profile, voc_loader)" >&2; exit 2 ;;
     esac
 done
