@@ -21,13 +21,14 @@ from kdbench.data.synthetic import render, voc_palette
 def write(root: Path, num_train: int = 300, num_val: int = 16) -> None:
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True, exist_ok=True)
+    palette = voc_palette()
     for split, count in (("train", num_train), ("val", num_val)):
         ids = [f"{split}_{i:05d}" for i in range(count)]
         for i, name in enumerate(ids):
             rgb, label = render(np.random.default_rng([7, i, len(split)]), 500)
             Image.fromarray(rgb[:375]).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
             mask = Image.fromarray(label[:375] % 21)  # VOC's 21 classes
-            mask.putpalette(voc_palette())
+            mask.putpalette(palette)
             mask.save(root / "SegmentationClass" / f"{name}.png")
         (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("".join(f"{x}\n" for x in ids))
 
