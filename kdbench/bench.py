@@ -9,6 +9,9 @@ included), and each row's ratio to the floor is taken within a round, so a machi
 or speeds up part-way through moves all rows alike. The spread over rounds is reported, and a
 ratio whose spread reaches 1 is flagged as indistinguishable from the floor, as is one wholly below
 1 for a method that runs the teacher (no such step is cheaper than the floor: that is noise).
+When a row runs the teacher in train mode (``Method.teacher_mode``, as AttnFD's ``code`` preset does
+after the released code), a second floor with the teacher in train mode is timed too, and that
+row's ratio to it says what its distillation terms cost apart from the teacher's mode.
 
 Evaluation is the other half of a run's time (a VOC recipe evaluates its 1,449 val images 120
 times), so the student's evaluation is timed too: ``engine.evaluate`` through the run's own eval
@@ -34,11 +37,16 @@ from kdbench.data import class_names, load_splits
 from kdbench.engine import build_state, close_loader, eval_loader, evaluate, train_batches, train_step
 from kdbench.errors import UserError
 from kdbench.methods import method_for, registry
+from kdbench.methods.base import FeatureSpec, Method
 from kdbench.models import build_model
 from kdbench.models.complexity import multiply_adds
 from kdbench.progress import make_progress
 from kdbench.recipe import Recipe, load_recipe, per_method_config
 from kdbench.runtime import Runtime, make_runtime
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
 
 
 @dataclass
@@ -52,10 +60,15 @@ class Row:
     runs_by_default: bool = False
     #: the step runs the teacher's forward (all but the plain student), so it cannot beat the floor
     needs_teacher: bool = True
+    #: the floor's step with the teacher in train mode (``Method.teacher_mode``): what a method that
+    #: asks for it pays before any distillation term
+    teacher_train: bool = False
     #: the method's resolved options (every preset in ``presets`` gives these); None for the floor
     config: Any = field(default=None, repr=False)
     ms: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)
+    #: for a method that runs the teacher in train mode: the ratio to that floor, one per round
+    train_floor_ratio: list[float] = field(default_factory=list)
     #: peak memory a step allocates beyond what was resident before it (activations, gradients)
     step_mib: float | None = None
     #: the costliest operations of a step (``--profile``)
@@ -64,6 +77,8 @@ class Row:
     @property
     def preset(self) -> str:
         """``paper*``, or ``default = paper*`` for presets with the same options (``*``: a run's)."""
+        if self.teacher_train:
+            return "teacher in train mode"
         return " = ".join(self.presets) + ("*" if self.runs_by_default else "") if self.presets else "-"
 
     @property
@@ -79,7 +94,7 @@ class Row:
         """Not distinguishable from the floor: the ratio's spread over rounds reaches 1, or lies
         below 1 for a step that runs the teacher (it cannot be cheaper than the floor: noise)."""
         low, high = min(self.ratio), max(self.ratio)
-        return self.method != "floor" and low <= 1.0 and (high >= 1.0 or self.needs_teacher)
+        return (self.method != "floor" or self.teacher_train) and low <= 1.0 and (high >= 1.0 or self.needs_teacher)
 
     def to_dict(self, batch_size: int) -> dict[str, Any]:
         return {
@@ -87,13 +102,26 @@ class Row:
             "preset": self.preset,
             "presets": list(self.presets),
             "runs_by_default": self.runs_by_default,
-            "ms_per_step": {"median": self.median_ms, "min": min(self.ms), "max": max(self.ms), "rounds": self.ms},
-            "x_floor": {"median": self.median_ratio, "min": min(self.ratio), "max": max(self.ratio), "rounds": self.ratio},
+            "ms_per_step": _spread(self.ms),
+            "x_floor": _spread(self.ratio),
             "overlaps_floor": self.overlaps_floor,
+            "teacher_train": self.teacher_train,
+            "x_train_floor": _spread(self.train_floor_ratio) if self.train_floor_ratio else None,
             "images_per_s": 1000 * batch_size / self.median_ms,
             "step_mib": self.step_mib,
             "profile": self.profile,
         }
+
+
+class TeacherInTrainMode(Method):
+    """The floor's step with the teacher in train mode (BatchNorm on each batch's statistics), as a
+    method that asks for it runs: the part of such a method's cost that is no distillation term."""
+
+    name = "floor"
+    teacher_mode = "train"
+
+    def forward(self, student, teacher, target) -> dict[str, torch.Tensor]:
+        return {}
 
 
 @dataclass
@@ -110,7 +138,7 @@ class EvalRow:
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
-            "ms_per_image": {"median": self.median_ms, "min": min(self.ms), "max": max(self.ms), "rounds": self.ms},
+            "ms_per_image": _spread(self.ms),
             "images_per_s": 1000 / self.median_ms,
         }
 
@@ -201,6 +229,13 @@ def _teacher_for(recipe: Recipe, needs: dict[str, Any], num_classes: int, cache:
     return cache[key]
 
 
+def _warm(state: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> Any:
+    """``steps`` untimed steps: cudnn autotuning, torch.compile, CUDA graph capture, allocator growth."""
+    for i in range(steps):
+        train_step(state, *batches[i % len(batches)])
+    return state
+
+
 def benchmark(
     recipe: Recipe,
     methods: list[str] | None = None,
@@ -238,11 +273,14 @@ def benchmark(
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student, k, pretrained=False)
             method = method_for(name, cfg, student, teacher, k) if row.presets else None
-            state = build_state(student, method, teacher, train_cfg, rt)
-            for i in range(warmup):
-                train_step(state, *batches[i % len(batches)])
-            states.append(state)
+            states.append(_warm(build_state(student, method, teacher, train_cfg, rt), batches, warmup))
             bar.advance(task)
+        if any(s.method is not None and s.method.teacher_mode == "train" for s in states):
+            torch.manual_seed(recipe.seed)
+            student, teacher = build_model(recipe.student, k, pretrained=False), _teacher_for(recipe, {}, k, teachers)
+            method = TeacherInTrainMode(None, FeatureSpec.of(student, k), FeatureSpec.of(teacher, k))
+            rows.insert(1, Row("floor", teacher_train=True))
+            states.insert(1, _warm(build_state(student, method, teacher, train_cfg, rt), batches, warmup))
         task = bar.add_task("timing", total=rounds * len(rows))
         for _ in range(rounds):
             for state, row in zip(states, rows):
@@ -262,8 +300,11 @@ def benchmark(
                     row.step_mib = max(row.step_mib or 0.0, peak)
                 bar.advance(task)
             floor = rows[0].ms[-1]
-            for row in rows:
+            train_floor = rows[1].ms[-1] if len(rows) > 1 and rows[1].teacher_train else None
+            for state, row in zip(states, rows):
                 row.ratio.append(row.ms[-1] / floor)
+                if train_floor and row.presets and state.method.teacher_mode == "train":
+                    row.train_floor_ratio.append(row.ms[-1] / train_floor)
         if evaluation:
             task = bar.add_task("timing evaluation", total=(rounds + 1) * len(evaluation))
             time_evaluation(recipe, states[0].student, rt, k, evaluation, eval_images, eval_size, rounds, lambda: bar.advance(task))
@@ -330,6 +371,13 @@ def print_result(result: BenchResult, out: Console) -> None:
             f"{row.step_mib:.0f}" if row.step_mib is not None else "",
         )
     out.print(table)
+    for row in result.rows:
+        if row.train_floor_ratio:
+            r = row.train_floor_ratio
+            out.print(
+                f"{row.method} {row.preset} runs the teacher in train mode: {statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}]x "
+                "the floor with the teacher in train mode (what its distillation terms cost)"
+            )
     for row in result.rows:
         if row.profile:
             ops = "; ".join(f"{op['name']} {op['ms_per_step']:.2f} ms" for op in row.profile)

@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from kdbench.bench import EvalRow, Row, bench_recipe, plan, time_evaluation
+import torch
+
+from kdbench.bench import EvalRow, Row, TeacherInTrainMode, bench_recipe, benchmark, plan, time_evaluation
+from kdbench.engine import build_state, train_step
+from kdbench.methods.base import FeatureSpec
+from kdbench.models import build_model
 from kdbench.errors import UserError
 from kdbench.methods import registry
 from kdbench.runtime import make_runtime
@@ -77,3 +82,33 @@ def test_evaluation_is_timed_per_image_through_the_eval_loader_at_each_batch_siz
     one, four = [(1, 3, 24, 40)] * 10, [(4, 3, 24, 40)] * 2 + [(2, 3, 24, 40)]
     assert seen == one + four + (one + four) * 2
     assert [len(r.ms) for r in rows] == [2, 2] and all(ms > 0 for r in rows for ms in r.ms)
+
+
+def test_a_method_that_runs_the_teacher_in_train_mode_gets_a_floor_that_does_too():
+    """AttnFD's ``code`` preset runs the teacher in train mode (the released code): its cost over the
+    floor splits into that mode's and its distillation terms', each against a floor timed alike."""
+    recipe = bench_recipe("tiny", [])
+    result = benchmark(recipe, ["attnfd:code", "kd"], steps=1, rounds=2, warmup=1, loader_batches=0, quiet=True)
+    rows = {(r.method, r.preset): r for r in result.rows}
+    assert list(rows)[:2] == [("floor", "-"), ("floor", "teacher in train mode")]
+    train_floor, code, kd = rows["floor", "teacher in train mode"], rows["attnfd", "code"], rows["kd", "default = cirkd*"]
+    assert code.train_floor_ratio == [a / b for a, b in zip(code.ms, train_floor.ms)] and len(code.ms) == 2
+    assert kd.train_floor_ratio == [] and train_floor.ratio == [a / b for a, b in zip(train_floor.ms, rows["floor", "-"].ms)]
+    as_json = {(r["method"], r["preset"]): r for r in result.to_dict()["rows"]}
+    assert as_json["attnfd", "code"]["x_train_floor"]["rounds"] == code.train_floor_ratio and as_json["kd", kd.preset]["x_train_floor"] is None
+    # no method asks for it: no such row
+    assert [r.preset for r in benchmark(recipe, ["kd"], steps=1, rounds=1, warmup=0, loader_batches=0, quiet=True).rows] == ["-", "default = cirkd*"]
+
+    # the row's step does run the teacher in train mode: its BatchNorm statistics move, the plain floor's do not
+    recipe = bench_recipe("tiny", ["train.iterations=2"])
+    images, target = torch.randn(2, 3, 32, 32), torch.randint(0, 9, (2, 32, 32))
+    moved = []
+    for method in (None, TeacherInTrainMode):
+        torch.manual_seed(0)
+        student, teacher = build_model(recipe.student, 9, pretrained=False), build_model(recipe.teacher, 9, pretrained=False).eval()
+        m = method(None, FeatureSpec.of(student, 9), FeatureSpec.of(teacher, 9)) if method else None
+        before = [b.clone() for b in teacher.buffers()]
+        train_step(build_state(student, m, teacher, recipe.train, make_runtime(recipe.runtime)), images, target)
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, teacher.buffers())))
+        assert not teacher.training  # back in eval mode after the step
+    assert moved == [False, True]

@@ -145,6 +145,7 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
     for row in ("floor", "none", "kd", "attnfd", "paper", "x floor"):  # AttnFD's paper preset: a CBAM teacher
         assert row in r.stdout
     assert "images/s with 0 workers" in r.stdout  # the loader line
+    assert "attnfd code runs the teacher in train mode: " in r.stdout  # and so has a floor that does too
     assert "ms per image evaluated: the student, 24x40 images" in r.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["setting"]["device"] == "cpu" and data["setting"]["batch_size"] == 4
