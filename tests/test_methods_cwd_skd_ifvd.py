@@ -254,6 +254,24 @@ def test_class_prototypes_by_one_hot_products_are_the_scatter_sums():
     assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14) and grads[0].abs().sum() > 0
 
 
+def test_the_gpu_experiment_on_ifvd_class_sums_computes_the_same_map_by_every_route(tmp_path):
+    """results/ifvd_products.py times candidate routes on a GPU; a faster one is worth nothing if it
+    computes another map. 17 x 17 pixels in 16 chunks: the last chunk is padded."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "results" / "ifvd_products.py"
+    args = ["--device", "cpu", "--size", "17", "--batch", "2", "--channels", "8", "--reps", "1", "--no-compile", "--json", "out.json"]
+    r = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [row["route"] for row in rows] == ["scatter", "onehot", "chunked"]  # tf32: CUDA only
+    for row in rows:  # float32 against float64
+        assert row["rel_err_map"] < 1e-6 and row["rel_err_grad"] < 1e-6, row
+
+
 def test_ifv_identical_sizes_channels_and_downsampled_labels():
     x = torch.randn(2, 3, 4, 4)
     labels = torch.randint(0, 3, (2, 16, 16))
