@@ -1,4 +1,7 @@
-"""MLflow tracking: one run per training run, everything a table needs on the run itself."""
+"""MLflow tracking: one run per training run, everything a table needs on the run itself.
+
+MLflow is imported where it is used, not with this module: a run's other processes (torchrun's
+ranks above 0) never log, and MLflow's import costs seconds on each of them."""
 
 from __future__ import annotations
 
@@ -8,15 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow.entities import RunStatus
+from typing import TYPE_CHECKING, Any
 
 import kdbench
 from kdbench.folders import exclusive
 from kdbench.outputs import OUTPUT_ROOT, STORE, artifact_location, sqlite_file, use_tracking
 from kdbench.schema import Tag, encode_param
+
+if TYPE_CHECKING:
+    import mlflow
 
 
 def git_commit() -> str:
@@ -36,7 +39,10 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
 
     from kdbench.errors import UserError
 
-    uri = uri or mlflow.get_tracking_uri()
+    if not uri:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -57,6 +63,8 @@ def open_store(uri: str | None = None, root: str | Path = OUTPUT_ROOT) -> tuple[
     upgrades them) on first use, and two processes doing that at once (a sweep's workers) break
     each other's migration; so a local store is first used under a lock file beside it, unless its
     folder is read-only (then nothing can be made there, only read)."""
+    import mlflow
+
     uri = use_tracking(uri, root)
     check_reachable()
     db = sqlite_file(uri)
@@ -97,12 +105,14 @@ class Tracker:
 
     def _experiment_id(self) -> str:
         """The experiment's id, created if absent; another process may create it at the same moment."""
+        from mlflow.exceptions import MlflowException
+
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
         try:
             return self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
-        except mlflow.exceptions.MlflowException:
+        except MlflowException:
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
                 raise
@@ -128,6 +138,8 @@ class Tracker:
         parent_run_id: str | None = None,
     ) -> str:
         """A new run, or the run ``run_id`` reopened (resume). Returns the run id."""
+        from mlflow.entities import Param
+
         exp_id = self._experiment_id()
         if run_id is None:
             tags = {**tags, Tag.VERSION: kdbench.__version__, Tag.COMMIT: git_commit()}
@@ -135,7 +147,7 @@ class Tracker:
                 tags[Tag.PARENT] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            items = [mlflow.entities.Param(k, encode_param(v)) for k, v in params.items()]
+            items = [Param(k, encode_param(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
         else:
@@ -145,7 +157,9 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.note(f"step {step}: " + " ".join(f"{k}={float(v):.6g}" for k, v in metrics.items()))
-        items = [mlflow.entities.Metric(_metric_key(k), float(v), _now_ms(), step) for k, v in metrics.items()]
+        from mlflow.entities import Metric
+
+        items = [Metric(_metric_key(k), float(v), _now_ms(), step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -170,6 +184,8 @@ class Tracker:
         if self.text_log is not None:
             self.note(f"ended {status}" + (f": {error}" if error else ""))
             self.client.log_artifact(self.run_id, str(self.text_log))
+        from mlflow.entities import RunStatus
+
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
