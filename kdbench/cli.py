@@ -230,7 +230,9 @@ def bench(
     Presets with the same options are one row ('default = cirkd'); '*' marks what `kdbench run
     --method NAME` gets. Rows are interleaved over rounds; ratios to the floor are taken within each
     round and shown as median [min-max]; '~' marks a ratio whose spread reaches 1, or lies below 1 for
-    a method that runs the teacher (noise: such a step cannot be cheaper than the floor). On a GPU
+    a method that runs the teacher (noise: such a step cannot be cheaper than the floor). Where a row
+    runs its teacher in train mode (AttnFD 'code'), a second floor does too, and a line gives that
+    row's ratio to it: its distillation terms' cost apart from the teacher's mode. On a GPU
     the table also shows the extra memory one step allocates. A second table times the student's
     evaluation (the run's eval loader, scales and flip) per image at batch 1 and at eval.batch_size.
     A line gives the models' multiply-adds per image at the crop and the rate the floor's step
