@@ -436,7 +436,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False  # images of many sizes: autotuning each would cost more than it saves
+    torch.backends.cudnn.benchmark = rt.eval_cudnn_benchmark  # images come in many sizes: autotuning is per size
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=rt.device)
     try:
         with make_progress(enabled=progress, transient=True) as bar:

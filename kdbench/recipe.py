@@ -210,7 +210,12 @@ class RuntimeConfig:
     channels_last: bool | Literal["auto"] = "auto"
     #: multi-GPU: BatchNorm statistics over the whole global batch (CUDA only)
     sync_batchnorm: bool = False
+    #: cuDNN times the convolution algorithms for each new input shape and keeps the fastest: for
+    #: training's fixed crop
     cudnn_benchmark: bool = True
+    #: the same for evaluation, whose images come in many sizes: each new size is timed once per
+    #: process, and a run evaluates the same sizes at every evaluation
+    eval_cudnn_benchmark: bool = field(default=False, metadata=ADDED)
     #: capture the frozen teacher's forward as a CUDA graph (removes its kernel-launch cost)
     cuda_graphs: bool = True
 

@@ -92,6 +92,8 @@ class Runtime:
     sync_batchnorm: bool = False
     #: training steps (or, where a step cannot be captured, the teacher's forward) as CUDA graphs
     cuda_graphs: bool = False
+    #: cudnn.benchmark during evaluation (``engine.evaluate``); training's is set once per process
+    eval_cudnn_benchmark: bool = False
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -345,6 +347,7 @@ def make_runtime(cfg: Any) -> Runtime:
         channels_last=on_a_gpu(cfg.channels_last, device),
         sync_batchnorm=cfg.sync_batchnorm,
         cuda_graphs=cfg.cuda_graphs and device.type == "cuda",
+        eval_cudnn_benchmark=cfg.eval_cudnn_benchmark and device.type == "cuda",
         rank=rank,
         world_size=world,
         local_rank=local_rank,

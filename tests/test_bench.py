@@ -81,7 +81,7 @@ def test_evaluation_is_timed_per_image_through_the_eval_loader_at_each_batch_siz
     time_evaluation(recipe, Probe(), make_runtime(recipe.runtime), 5, rows, 10, (24, 40), rounds=2)
     one, four = [(1, 3, 24, 40)] * 10, [(4, 3, 24, 40)] * 2 + [(2, 3, 24, 40)]
     assert seen == one + four + (one + four) * 2
-    assert [len(r.ms) for r in rows] == [2, 2] and all(ms > 0 for r in rows for ms in r.ms)
+    assert [len(r.ms) for r in rows] == [2, 2] and all(ms > 0 for r in rows for ms in [*r.ms, r.first_ms])
 
 
 def test_a_method_that_runs_the_teacher_in_train_mode_gets_a_floor_that_does_too():

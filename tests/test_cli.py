@@ -172,7 +172,7 @@ def test_bench_runs_without_mlflow_or_optuna_and_writes_json(tmp_path):
         assert row["x_floor"]["rounds"] == want
         assert row["overlaps_floor"] == (min(want) <= 1.0 <= max(want) or (row["method"] != "none" and max(want) < 1.0))
     # the student's evaluation at batch 1 and at the tiny recipe's eval.batch_size, once per round
-    assert data["setting"]["eval"] == {"images": 8, "size": [24, 40], "scales": [1.0], "flip": False}
+    assert data["setting"]["eval"] == {"images": 8, "size": [24, 40], "scales": [1.0], "flip": False, "cudnn_benchmark": False}
     assert [(e["batch_size"], len(e["ms_per_image"]["rounds"])) for e in data["evaluation"]] == [(1, 3), (6, 3)]
 
 

@@ -44,6 +44,35 @@ def test_device_and_precision_resolution_on_a_cpu():
         load_recipe("tiny", ["runtime.precision=fp8"])
 
 
+def test_evaluation_autotunes_convolutions_only_when_asked_and_leaves_training_s_setting_alone():
+    """cudnn.benchmark is training's setting for the process; evaluation sets its own
+    (runtime.eval_cudnn_benchmark, on a GPU only) and puts training's back, whatever happens."""
+    from kdbench.engine import evaluate
+    from kdbench.recipe import EvalConfig
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return {"out": self.conv(x)}
+
+    data = [(torch.randn(3, 4, 4), torch.zeros(4, 4, dtype=torch.long))] * 2
+    before = torch.backends.cudnn.benchmark
+    try:
+        for training, asked in ((True, False), (False, True), (True, True)):
+            torch.backends.cudnn.benchmark = training
+            evaluate(Probe(), data, 2, EvalConfig(), rt=Runtime(eval_cudnn_benchmark=asked))
+            assert seen[-2:] == [asked, asked] and torch.backends.cudnn.benchmark is training
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert not make_runtime(load_recipe("tiny", ["runtime.eval_cudnn_benchmark=true", "runtime.device=cpu"]).runtime).eval_cudnn_benchmark
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
 def test_cuda_asked_for_without_a_gpu_is_a_user_error():
     for setting in ("cuda", "cuda:1"):
