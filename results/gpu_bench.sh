@@ -9,8 +9,8 @@
 #                    image (a common size: H 375, W 500) at eval.resize_short 513, what a run evaluates 120 times
 #   ifvd_products:   IFVD's class sums four ways (results/ifvd_products.py): scatter, one-hot products (today's
 #                    GPU route), one-hot products split over pixel chunks, TF32; ms and error against float64
-#   voc_eval_autotuned: the student's evaluation as in voc_bf16, with runtime.eval_cudnn_benchmark=true: cuDNN
-#                    times its algorithms once per image size ("first pass" column: what a new size costs)
+#   voc_eval_autotuned: the student's evaluation as in voc_bf16 and cirkd_bf16, with runtime.eval_cudnn_benchmark=true:
+#                    cuDNN times its algorithms once per image size ("first pass" column: what a new size costs)
 #   cirkd_bf16:      CIRKD's shapes, bf16, the defaults; evaluation at 1024x2048, batch 1 (CIRKD's) and 4
 #   voc_bf16_others: the other VOC presets, the defaults
 #   voc_bf16_no_compile_method: every VOC row with runtime.compile_method=false (what compiling saves)
@@ -53,7 +53,9 @@ for table in $tables; do
         python3 "$(dirname "$0")/ifvd_products.py" --device cuda --json "$out/$table.json" ;;
     voc_eval_autotuned)
         $bench --recipe voc_r101_r18 -m none --precision bf16 --rounds 5 --steps 1 --warmup 1 --eval-images 64 --eval-size 513,684 \
-            --set runtime.eval_cudnn_benchmark=true --json "$out/$table.json" ;;
+            --set runtime.eval_cudnn_benchmark=true --json "$out/$table.json"
+        $bench --recipe cirkd_cityscapes_r101_r18 -m none --precision bf16 --rounds 3 --steps 1 --warmup 1 --eval-images 16 --eval-size 1024,2048 \
+            --set eval.batch_size=4 --set runtime.eval_cudnn_benchmark=true --json "$out/${table}_cirkd.json" ;;
     cirkd_bf16)
         $bench --recipe cirkd_cityscapes_r101_r18 --set train.batch_size=8 -m kd -m cwd:paper -m attnfd:default $targets \
             --precision bf16 --steps 3 --rounds 3 --warmup 3 --eval-images 16 --eval-size 1024,2048 --set eval.batch_size=4 --json "$out/$table.json" ;;
