@@ -15,7 +15,9 @@ and one long loop each, so most of the GPU idles. The candidates:
              are exact in TF32, the prototypes and gradients are not
 
 Each is timed forward and backward for a student map (with gradient) and a teacher map (without), as
-`ifv_loss` runs them, eagerly and under torch.compile, and compared with a float64 computation: the
+`ifv_loss` runs them, eagerly and under torch.compile: the wall time per call and, on a GPU, the
+kernels' own time (the profiler's device time: what the route costs inside a training step's CUDA
+graph, where launches cost nothing). Each is compared with a float64 computation: the
 largest error of the map M and of the student's gradient, relative to the largest value of each.
 Features are bf16 values held in float32 (what the loss gets under bf16 autocast); labels are blocks
 of a few classes, as segmentation labels are.
@@ -103,6 +105,17 @@ def loss_and_grad(route: Route, fs: torch.Tensor, ft: torch.Tensor, labels: torc
     return m_s.detach(), fs.grad
 
 
+def kernel_ms(step: Callable[..., object], args: tuple, reps: int) -> float:
+    """The GPU's own time per call: the device time of every kernel, summed (no launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step(*args)
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / reps
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -137,10 +150,12 @@ def main(argv: list[str]) -> None:
                 step(route, fs, ft, labels, args.classes)
                 sync()
                 ms.append(1000 * (time.perf_counter() - start))
+            device_ms = kernel_ms(step, (route, fs, ft, labels, args.classes), args.reps) if device.type == "cuda" else None
             err_m = ((m.double() - want_m).abs().max() / want_m.abs().max()).item()
             err_g = ((g.double() - want_g).abs().max() / want_g.abs().max()).item()
-            rows.append({"route": name, "compiled": compiled, "ms": statistics.median(ms), "ms_min": min(ms), "rel_err_map": err_m, "rel_err_grad": err_g})
-            print(f"{name:8s} {'compiled' if compiled else 'eager':8s} {statistics.median(ms):8.3f} ms (min {min(ms):.3f})  "
+            rows.append({"route": name, "compiled": compiled, "ms": statistics.median(ms), "ms_min": min(ms), "device_ms": device_ms, "rel_err_map": err_m, "rel_err_grad": err_g})
+            kernels = f", kernels {device_ms:.3f} ms" if device_ms is not None else ""
+            print(f"{name:8s} {'compiled' if compiled else 'eager':8s} {statistics.median(ms):8.3f} ms (min {min(ms):.3f}){kernels}  "
                   f"max rel. error: map {err_m:.1e}, student grad {err_g:.1e}", flush=True)
     if args.json:
         setting = {k: v for k, v in vars(args).items() if k != "json"}
