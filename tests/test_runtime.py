@@ -46,7 +46,7 @@ def test_device_and_precision_resolution_on_a_cpu():
 
 def test_evaluation_autotunes_convolutions_only_when_asked_and_leaves_training_s_setting_alone():
     """cudnn.benchmark is training's setting for the process; evaluation sets its own
-    (runtime.eval_cudnn_benchmark, on a GPU only) and puts training's back, whatever happens."""
+    (runtime.eval_cudnn_benchmark, on a GPU only) and puts training's back afterwards."""
     from kdbench.engine import evaluate
     from kdbench.recipe import EvalConfig
 
