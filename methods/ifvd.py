@@ -51,6 +51,14 @@ from .kd import downsample_labels, kd_loss
 FEATURES = ("decoder", "encoder", "backbone", "low")
 
 
+def class_bins(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bins, valid), both B x N: each pixel's class, K (an extra bin) for a pixel without a class
+    label, and whether it has one."""
+    lab = labels.flatten(1)
+    valid = (lab >= 0) & (lab < num_classes)
+    return torch.where(valid, lab, num_classes), valid
+
+
 def class_similarity_map(
     f: torch.Tensor, labels: torch.Tensor, num_classes: int, onehot: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,23 +73,21 @@ def class_similarity_map(
     the rounding the embedded benchmark's results were made with."""
     b, c = f.shape[:2]
     feats = f.flatten(2)  # B x C x N
-    lab = labels.reshape(b, 1, -1)
-    valid = (lab >= 0) & (lab < num_classes)
-    bins = torch.where(valid, lab, num_classes)  # unlabelled pixels go to an extra bin
+    bins, valid = class_bins(labels, num_classes)
     use_onehot = f.is_cuda if onehot is None else onehot
     if use_onehot:  # cos = f . c / (max(|f|, eps) max(|c|, eps)), as F.cosine_similarity (eps 1e-8)
-        members = F.one_hot(bins[:, 0], num_classes + 1).to(feats.dtype)  # B x N x (K+1)
+        members = F.one_hot(bins, num_classes + 1).to(feats.dtype)  # B x N x (K+1)
         protos = (feats @ members) / (members.sum(dim=1, keepdim=True) + 1e-6)  # B x C x (K+1)
-        dots = (protos.transpose(1, 2) @ feats).gather(1, bins)[:, 0]  # each pixel . its prototype, B x N
+        dots = (protos.transpose(1, 2) @ feats).gather(1, bins[:, None])[:, 0]  # each pixel . its prototype, B x N
         norm_f = feats.norm(dim=1).clamp_min(1e-8)
-        norm_c = protos.norm(dim=1).clamp_min(1e-8).gather(1, bins[:, 0])
-        return dots / (norm_f * norm_c), valid[:, 0]
-    idx = bins.expand(b, c, -1)
+        norm_c = protos.norm(dim=1).clamp_min(1e-8).gather(1, bins)
+        return dots / (norm_f * norm_c), valid
+    idx = bins[:, None].expand(b, c, -1)
     sums = feats.new_zeros(b, c, num_classes + 1).scatter_add_(2, idx, feats)
     counts = feats.new_zeros(b, 1, num_classes + 1).scatter_add_(2, idx[:, :1], torch.ones_like(feats[:, :1]))
     protos = sums / (counts + 1e-6)  # B x C x (K+1)
     center = protos.gather(2, idx)  # each pixel's prototype, B x C x N
-    return F.cosine_similarity(feats, center, dim=1), valid[:, 0]
+    return F.cosine_similarity(feats, center, dim=1), valid
 
 
 @float32

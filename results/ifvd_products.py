@@ -38,16 +38,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kdbench.methods.ifvd import class_similarity_map
+from kdbench.methods.ifvd import class_bins, class_similarity_map
 
 Route = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def bins_of(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bins, valid): each pixel's class, K for an unlabelled one (B x N)."""
-    lab = labels.flatten(1)
-    valid = (lab >= 0) & (lab < num_classes)
-    return torch.where(valid, lab, num_classes), valid
 
 
 def chunked(f: torch.Tensor, labels: torch.Tensor, num_classes: int, chunks: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +48,7 @@ def chunked(f: torch.Tensor, labels: torch.Tensor, num_classes: int, chunks: int
     b, c = f.shape[:2]
     feats = f.flatten(2)  # B x C x N
     n = feats.shape[-1]
-    bins, valid = bins_of(labels, num_classes)
+    bins, valid = class_bins(labels, num_classes)
     members = F.one_hot(bins, num_classes + 1).to(feats.dtype)  # B x N x (K+1)
     m = -(-n // chunks)  # pixels per chunk; the last is padded with zero features outside every class
     pad = m * chunks - n
