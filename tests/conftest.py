@@ -1,6 +1,16 @@
 """Every test that runs kdbench gets its own cache, MLflow store and working directory."""
 
+import os
+
 import pytest
+
+# Under pytest-xdist each worker would start torch with a thread per core, so two workers on two
+# cores run four busy threads: a fifth slower here than one thread per worker. Set before torch is
+# imported (OpenMP reads it once); subprocesses (the forked CLI, torchrun) inherit it. A value the
+# user set wins.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 
 from tests.cli_fork import store_env
 
