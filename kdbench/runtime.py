@@ -67,6 +67,28 @@ def fused_on(module: nn.Module) -> bool | None:
 
 
 @functools.cache
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def sharing_cores(processes: int) -> Iterator[dict[str, str]]:
+    """This process's share of the cores for torch's threads while ``processes`` processes (this
+    one included) train side by side on this machine; yields the environment for the others.
+    torch gives every process a thread per core, so two processes on two cores would run four busy
+    threads. ``OMP_NUM_THREADS`` set by the user is left alone."""
+    if processes <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield dict(os.environ)
+        return
+    before, threads = torch.get_num_threads(), max(1, cpu_cores() // processes)
+    torch.set_num_threads(threads)
+    try:
+        yield {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_name() -> str:
     """The CPU's model and the vector instructions torch's kernels use on it ("AMD EPYC (AVX2)").
     CPU results are reproducible digit for digit only on the same kind: float kernels differ."""
@@ -135,8 +157,7 @@ class Runtime:
             return int(setting)
         if not self.cuda:
             return 0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(16, cores // self.local_world_size - 1))
+        return max(1, min(16, cpu_cores() // self.local_world_size - 1))
 
     # -- moving things ---------------------------------------------------------------------
     def prepare_module(self, module: nn.Module) -> nn.Module:

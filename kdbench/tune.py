@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +258,7 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
     from kdbench.data import load_splits
     from kdbench.methods import get_method_class
     from kdbench.run import ensure_teacher, run
+    from kdbench.runtime import sharing_cores
     from kdbench.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -319,23 +322,20 @@ def tune(spec: StudySpec, quiet: bool = False, n_jobs: int = 1, worker_argv: lis
             scores.append(result.metrics.miou)
         return statistics.fmean(scores)
 
-    workers = []
-    if n_jobs > 1 and worker_argv and not worker:
-        import subprocess
-        import sys
-
-        command = [sys.executable, "-m", "kdbench", *worker_argv, "--worker"]
-        workers = [subprocess.Popen(command) for _ in range(n_jobs - 1)]
     # every process stops once the study holds the asked number of trials, whoever ran them
     callbacks = [optuna.study.MaxTrialsCallback(spec.trials, states=None)]
     interrupted = False
-    try:
-        if len(study.trials) < spec.trials:
-            study.optimize(objective, n_trials=spec.trials, callbacks=callbacks, catch=(Exception,))
-    except KeyboardInterrupt:
-        interrupted = True
-    for w in workers:
-        w.wait()
+    helpers = n_jobs - 1 if worker_argv and not worker else 0
+    with sharing_cores(1 + helpers) as env:
+        command = [sys.executable, "-m", "kdbench", *(worker_argv or []), "--worker"]
+        workers = [subprocess.Popen(command, env=env) for _ in range(helpers)]
+        try:
+            if len(study.trials) < spec.trials:
+                study.optimize(objective, n_trials=spec.trials, callbacks=callbacks, catch=(Exception,))
+        except KeyboardInterrupt:
+            interrupted = True
+        for w in workers:
+            w.wait()
     if worker:
         return StudyResult(study, parent, None, None)
     result = _finish(spec, study, tracker)

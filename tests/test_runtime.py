@@ -17,7 +17,7 @@ from kdbench.methods.ifvd import ifv_loss
 from kdbench.methods.kd import kd_loss
 from kdbench.methods.skd import pairwise_loss, soft_cross_entropy
 from kdbench.recipe import RuntimeConfig, load_recipe
-from kdbench.runtime import Runtime, make_runtime, on_a_gpu, resolve_device, resolve_precision
+from kdbench.runtime import Runtime, make_runtime, on_a_gpu, resolve_device, resolve_precision, sharing_cores
 
 from tests.fakes import NUM_CLASSES, S_CH, T_CH, FakeSegNet, build
 
@@ -78,6 +78,21 @@ def test_cuda_asked_for_without_a_gpu_is_a_user_error():
     for setting in ("cuda", "cuda:1"):
         with pytest.raises(UserError, match=f"runtime.device: '{setting}' asked for, but torch .* sees no GPU; use --device cpu"):
             resolve_device(setting)
+
+
+def test_processes_training_side_by_side_share_the_cores_between_their_threads(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    for processes, threads in ((2, 3), (4, 1), (8, 1)):  # 6 cores // processes, at least one
+        with sharing_cores(processes) as env:
+            assert torch.get_num_threads() == threads and env["OMP_NUM_THREADS"] == str(threads)
+        assert torch.get_num_threads() == before
+    with sharing_cores(1) as env:  # alone: torch's default, nothing passed on
+        assert torch.get_num_threads() == before and "OMP_NUM_THREADS" not in env
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins
+    with sharing_cores(2) as env:
+        assert torch.get_num_threads() == before and env["OMP_NUM_THREADS"] == "5"
 
 
 def test_step_slices_split_each_global_batch_over_processes():
