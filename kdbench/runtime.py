@@ -66,7 +66,6 @@ def fused_on(module: nn.Module) -> bool | None:
 # the runtime
 
 
-@functools.cache
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -89,6 +88,7 @@ def sharing_cores(processes: int) -> Iterator[dict[str, str]]:
         torch.set_num_threads(before)
 
 
+@functools.cache
 def cpu_name() -> str:
     """The CPU's model and the vector instructions torch's kernels use on it ("AMD EPYC (AVX2)").
     CPU results are reproducible digit for digit only on the same kind: float kernels differ."""

@@ -5,9 +5,9 @@ import os
 import pytest
 
 # Under pytest-xdist each worker would start torch with a thread per core, so two workers on two
-# cores run four busy threads: a fifth slower here than one thread per worker. Set before torch is
-# imported (OpenMP reads it once); subprocesses (the forked CLI, torchrun) inherit it. A value the
-# user set wins.
+# cores would run four busy threads: the suite took 1.5x as long here as with one thread per worker.
+# Set before torch is imported (OpenMP reads it once); subprocesses (the forked CLI, torchrun)
+# inherit it. A value the user set wins.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))

@@ -81,10 +81,11 @@ def test_cuda_asked_for_without_a_gpu_is_a_user_error():
 
 
 def test_processes_training_side_by_side_share_the_cores_between_their_threads(monkeypatch):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    for processes, threads in ((2, 3), (4, 1), (8, 1)):  # 6 cores // processes, at least one
+    # cores // processes, at least one; the cores are read each time (the affinity can change)
+    for cores, processes, threads in ((6, 2, 3), (6, 4, 1), (6, 8, 1), (4, 2, 2)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         with sharing_cores(processes) as env:
             assert torch.get_num_threads() == threads and env["OMP_NUM_THREADS"] == str(threads)
         assert torch.get_num_threads() == before
