@@ -34,7 +34,7 @@ from rich.table import Table
 from torch.utils.data import Dataset
 
 from kdbench.data import class_names, load_splits
-from kdbench.engine import build_state, close_loader, eval_loader, evaluate, train_batches, train_step
+from kdbench.engine import build_state, close_loader, eval_loader, evaluate, runs_teacher_in_train_mode, train_batches, train_step
 from kdbench.errors import UserError
 from kdbench.methods import method_for, registry
 from kdbench.methods.base import FeatureSpec, Method
@@ -279,7 +279,7 @@ def benchmark(
             method = method_for(name, cfg, student, teacher, k) if row.presets else None
             states.append(_warm(build_state(student, method, teacher, train_cfg, rt), batches, warmup))
             bar.advance(task)
-        if any(s.method is not None and s.method.teacher_mode == "train" for s in states):
+        if any(runs_teacher_in_train_mode(s) for s in states):
             torch.manual_seed(recipe.seed)
             student, teacher = build_model(recipe.student, k, pretrained=False), _teacher_for(recipe, {}, k, teachers)
             method = TeacherInTrainMode(None, FeatureSpec.of(student, k), FeatureSpec.of(teacher, k))
@@ -307,7 +307,7 @@ def benchmark(
             train_floor = rows[1].ms[-1] if len(rows) > 1 and rows[1].teacher_train else None
             for state, row in zip(states, rows):
                 row.ratio.append(row.ms[-1] / floor)
-                if train_floor and row.presets and state.method.teacher_mode == "train":
+                if train_floor and row.presets and runs_teacher_in_train_mode(state):
                     row.train_floor_ratio.append(row.ms[-1] / train_floor)
         if evaluation:
             task = bar.add_task("timing evaluation", total=(rounds + 1) * len(evaluation))

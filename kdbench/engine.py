@@ -261,6 +261,11 @@ def step_phase(state: TrainState) -> tuple[Any, ...]:
     return flags, state.teacher is not None and state.teacher.training
 
 
+def runs_teacher_in_train_mode(state: TrainState) -> bool:
+    """The method asks for the teacher in train mode (``Method.teacher_mode``) during its steps."""
+    return state.teacher is not None and state.method is not None and state.method.teacher_mode == "train"
+
+
 def follow_method(state: TrainState) -> bool:
     """Do what the method asks for this step (``Method.student_frozen``, ``Method.teacher_mode``):
     the student's trainable parameters frozen or thawed, the teacher in train mode (True: the
@@ -271,7 +276,7 @@ def follow_method(state: TrainState) -> bool:
         for p in state.student_trainable:
             p.requires_grad_(not frozen)
         state.student_frozen = frozen
-    teacher_train = state.teacher is not None and method is not None and method.teacher_mode == "train"
+    teacher_train = runs_teacher_in_train_mode(state)
     if teacher_train:
         state.teacher.train()
     return teacher_train
@@ -550,7 +555,7 @@ class LoopHooks:
 def teacher_buffers(state: TrainState) -> dict[str, torch.Tensor] | None:
     """The teacher's buffers where training changes them (a method with ``teacher_mode`` "train":
     BatchNorm running statistics), else None."""
-    if state.teacher is None or state.method is None or state.method.teacher_mode != "train":
+    if not runs_teacher_in_train_mode(state):
         return None
     return dict(state.teacher.named_buffers())
 

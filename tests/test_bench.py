@@ -3,16 +3,15 @@
 from pathlib import Path
 
 import pytest
-from torch import nn
-
 import torch
+from torch import nn
 
 from kdbench.bench import EvalRow, Row, TeacherInTrainMode, bench_recipe, benchmark, plan, time_evaluation
 from kdbench.engine import build_state, train_step
-from kdbench.methods.base import FeatureSpec
-from kdbench.models import build_model
 from kdbench.errors import UserError
 from kdbench.methods import registry
+from kdbench.methods.base import FeatureSpec
+from kdbench.models import build_model
 from kdbench.runtime import make_runtime
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
