@@ -410,8 +410,7 @@ def methods(
     from kdbench.methods import get_method_class, registry
     from kdbench.recipe import load_recipe
 
-    r = load_recipe(recipe)
-    if name is None:
+    if name is None:  # nothing in the list depends on a recipe: no recipe (and no timm import, ~4 s) for it
         table = Table(title="methods (`kdbench methods NAME` for one in full)", title_justify="left")
         for col in ("method", "what it distils", "presets (* = default)", "options"):
             table.add_column(col, no_wrap=col in ("method", "presets (* = default)"))
@@ -421,6 +420,7 @@ def methods(
         out.print(table)
         return
     cls = get_method_class(name)
+    r = load_recipe(recipe)
     hints = typing.get_type_hints(cls.Config)
     presets = {"default": {}, **cls.presets}
     table = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}", title_justify="left")

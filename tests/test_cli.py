@@ -112,8 +112,8 @@ def test_help_version_and_methods(cli, tmp_path):
 
 def test_commands_that_read_runs_start_without_what_only_training_needs(tmp_path):
     """Start-up is most of a short command: the MLflow side, recipes, tuning and sweeps import
-    without torch (about 4 s here); the table and the method registry without timm, torchvision
-    and torch._dynamo (2-3 s more). And no module imports MLflow or Optuna before it uses them:
+    without torch (about 4 s here); the table, the method registry and `kdbench methods` without
+    timm, torchvision and torch._dynamo (2-3 s more; only the recipe's backbone check needs timm). And no module imports MLflow or Optuna before it uses them:
     torchrun's ranks above 0 never log (MLflow's import alone is about 3 s of each process)."""
     code = (
         "import sys\n"
@@ -122,6 +122,11 @@ def test_commands_that_read_runs_start_without_what_only_training_needs(tmp_path
         "import kdbench.table\n"
         "from kdbench.methods import registry\n"
         "assert len(registry()) >= 6\n"
+        "import contextlib, io\n"
+        "from kdbench.cli import app\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as listing:\n"
+        "    app(['methods'], standalone_mode=False)\n"
+        "assert 'attnfd' in listing.getvalue()\n"
         "print(*sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"
         "import kdbench.run, kdbench.cli, kdbench.evaluate, kdbench.plots\n"
         "print(*sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))\n"
