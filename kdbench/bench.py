@@ -210,13 +210,13 @@ def plan(recipe: Recipe, methods: list[str] | None) -> list[Row]:
 
 
 def _random_batches(recipe: Recipe, num_classes: int, count: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Images and labels of the recipe's global batch and crop (5% of pixels ignore-labelled), made
-    on the device, as a step would receive them after the copy."""
+    """uint8 images and labels of the recipe's global batch and crop (5% of pixels ignore-labelled),
+    made on the device, as a step receives them after the copy (it normalises them as in a run)."""
     b, (h, w) = recipe.train.batch_size, recipe.train.crop_size
     g = torch.Generator().manual_seed(recipe.seed)
     out = []
     for _ in range(count):
-        images = torch.randn(b, 3, h, w, generator=g)
+        images = torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8)
         target = torch.randint(0, num_classes, (b, h, w), generator=g)
         target[torch.rand(b, h, w, generator=g) < 0.05] = 255
         out.append(rt.to_device(images.pin_memory() if rt.cuda else images, target))
@@ -277,14 +277,14 @@ def benchmark(
             torch.manual_seed(recipe.seed)
             student = build_model(recipe.student, k, pretrained=False)
             method = method_for(name, cfg, student, teacher, k) if row.presets else None
-            states.append(_warm(build_state(student, method, teacher, train_cfg, rt), batches, warmup))
+            states.append(_warm(build_state(student, method, teacher, train_cfg, rt, normalize=recipe.data.normalize), batches, warmup))
             bar.advance(task)
         if any(runs_teacher_in_train_mode(s) for s in states):
             torch.manual_seed(recipe.seed)
             student, teacher = build_model(recipe.student, k, pretrained=False), _teacher_for(recipe, {}, k, teachers)
             method = TeacherInTrainMode(None, FeatureSpec.of(student, k), FeatureSpec.of(teacher, k))
             rows.insert(1, Row("floor", teacher_train=True))
-            states.insert(1, _warm(build_state(student, method, teacher, train_cfg, rt), batches, warmup))
+            states.insert(1, _warm(build_state(student, method, teacher, train_cfg, rt, normalize=recipe.data.normalize), batches, warmup))
         task = bar.add_task("timing", total=rounds * len(rows))
         for _ in range(rounds):
             for state, row in zip(states, rows):
@@ -428,7 +428,7 @@ class SameImage(Dataset):
     def __init__(self, count: int, size: tuple[int, int], num_classes: int, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
         self.count, self.size = count, (int(size[0]), int(size[1]))
-        self.image = torch.randn(3, *self.size, generator=g)
+        self.image = torch.randint(0, 256, (3, *self.size), generator=g, dtype=torch.uint8)
         self.label = torch.randint(0, num_classes, self.size, generator=g)
 
     def __len__(self) -> int:
@@ -463,14 +463,14 @@ def time_evaluation(
         for loader, cfg, row in zip(loaders, cfgs, rows):
             rt.synchronize()
             start = time.perf_counter()
-            evaluate(student, loader, num_classes, cfg, rt=rt)
+            evaluate(student, loader, num_classes, cfg, rt=rt, normalize=recipe.data.normalize)
             row.first_ms = 1000 * (time.perf_counter() - start) / images
             advance()
         for _ in range(rounds):
             for loader, cfg, row in zip(loaders, cfgs, rows):
                 rt.synchronize()
                 start = time.perf_counter()
-                evaluate(student, loader, num_classes, cfg, rt=rt)  # ends with the confusion matrix on the host
+                evaluate(student, loader, num_classes, cfg, rt=rt, normalize=recipe.data.normalize)  # ends with the confusion matrix on the host
                 row.ms.append(1000 * (time.perf_counter() - start) / images)
                 advance()
     finally:

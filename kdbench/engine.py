@@ -33,6 +33,7 @@ from kdbench.progress import make_progress
 from kdbench.recipe import EvalConfig, TrainConfig
 from kdbench.schema import Metric
 from kdbench.cuda_graphs import StepGraph, graphed, portable
+from kdbench.data import transforms
 from kdbench.runtime import Runtime, float32, fused_on
 
 IGNORE = 255
@@ -178,6 +179,8 @@ class TrainState:
     best: tuple[int, dict[str, torch.Tensor]] | None = None
     #: the task loss's factor: 1, or 1 / batch size (train.ce_batch_average)
     task_scale: float = 1.0
+    #: how the training set's uint8 images become model input (``Splits.normalize``)
+    normalize: str | None = None
     #: the student's parameters that train (frozen together while the method asks for it) and
     #: whether they are frozen now
     student_trainable: list[nn.Parameter] = field(init=False, repr=False)
@@ -200,6 +203,7 @@ def build_state(
     cfg: TrainConfig,
     rt: Runtime,
     steps_per_epoch: int = 1,
+    normalize: str | None = None,
 ) -> TrainState:
     """Models and method on the runtime's device, the optimizer and schedule over them, and the
     forms a step calls: DistributedDataParallel around the student across processes, torch.compile
@@ -238,6 +242,7 @@ def build_state(
         student_forward=student_forward,
         teacher_forward=teacher_forward,
         method_forward=method_forward,
+        normalize=normalize,
     )
     state.skip_nonfinite = cfg.on_nonfinite == "skip"
     state.task_scale = 1.0 / cfg.batch_size if cfg.ce_batch_average else 1.0
@@ -298,6 +303,7 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) ->
         method.on_step(state.step, state.total_steps, state.steps_per_epoch)
     teacher_train = follow_method(state)
     images, target = rt.to_device(images, target)
+    images = transforms.normalize(images, state.normalize)
     try:
         if state.step_graph is not None:
             logged = state.step_graph(images, target)
@@ -431,11 +437,12 @@ def evaluate(
     progress: bool = False,
     rt: Runtime | None = None,
     on_batch: Callable[[torch.Tensor, list[int]], None] | None = None,
+    normalize: str | None = None,
 ) -> tuple[SegMetrics, torch.Tensor]:
     """mIoU, pixel accuracy and per-class IoU from one confusion matrix over the whole split,
     accumulated on the device and summed over processes. ``on_batch`` gets each batch's predicted
     class ids (B x H x W, on the device) and their images' indices in the loader's dataset
-    (``kdbench eval`` writes them)."""
+    (``kdbench eval`` writes them). ``normalize``: the split's ``Splits.normalize``."""
     rt = rt or Runtime()
     loader = data if isinstance(data, DataLoader) else eval_loader(data, cfg, rt)
     was_training = model.training
@@ -448,6 +455,7 @@ def evaluate(
             task = bar.add_task("evaluating", total=len(loader))
             for (images, target), indices in zip(loader, loader.batch_sampler):
                 images, target = rt.to_device(images, target)
+                images = transforms.normalize(images, normalize)
                 with rt.autocast():
                     pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
                 cm += confusion_matrix(pred, target, num_classes, IGNORE)
@@ -631,7 +639,7 @@ def run_loop(
     def do_eval() -> None:
         if evaluation is None:
             return
-        metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt)
+        metrics, _ = evaluate(state.student, evaluation, num_classes, eval_cfg, rt=rt, normalize=state.normalize)
         previous = best_miou(-math.inf, state.history)
         best = max(metrics.miou, previous)
         state.history.append({"step": state.step, "miou": metrics.miou})

@@ -289,7 +289,7 @@ def evaluate_checkpoint(
     model = rt.prepare_module(model)
     loader = eval_loader(splits.val, cfg, rt, rt.loader_workers(r.data.workers))
     writer = PaletteWriter(folder, splits.val, palette(r.data.dataset)) if folder is not None else None
-    metrics, cm = evaluate(model, loader, splits.num_classes, cfg, progress=not quiet, rt=rt, on_batch=writer)
+    metrics, cm = evaluate(model, loader, splits.num_classes, cfg, progress=not quiet, rt=rt, on_batch=writer, normalize=splits.normalize)
     seconds = time.perf_counter() - start
     result = EvalResult(
         metrics=metrics,

@@ -441,7 +441,7 @@ def parse_images(text: str | None, default: Sequence[int]) -> list[int]:
 
 
 def _val_images(recipe: Any, indices: Sequence[int]) -> tuple[list[Any], list[Any], list[str]]:
-    """(normalised image tensors, label maps, class names) of val images ``indices``."""
+    """(uint8 3 x H x W image tensors, label maps, class names) of val images ``indices``."""
     from kdbench.data import load_splits
 
     splits = load_splits(recipe, progress=False)
@@ -453,16 +453,9 @@ def _val_images(recipe: Any, indices: Sequence[int]) -> tuple[list[Any], list[An
     return [p[0] for p in pairs], [p[1] for p in pairs], list(splits.class_names)
 
 
-def denormalize(image: Any, normalize: str) -> np.ndarray:
-    """A normalised 3 x H x W image tensor back to H x W x 3 RGB in [0, 1] for display."""
-    from kdbench.data.transforms import CIRKD_BGR_MEAN, IMAGENET_MEAN, IMAGENET_STD
-
-    x = image.detach().float().cpu().numpy()
-    if normalize == "cirkd_bgr":
-        rgb = (x + np.asarray(CIRKD_BGR_MEAN).reshape(3, 1, 1))[::-1] / 255.0
-    else:
-        rgb = x * np.asarray(IMAGENET_STD).reshape(3, 1, 1) + np.asarray(IMAGENET_MEAN).reshape(3, 1, 1)
-    return np.clip(rgb.transpose(1, 2, 0), 0.0, 1.0)
+def picture(image: Any) -> np.ndarray:
+    """A dataset's uint8 3 x H x W image as the H x W x 3 array imshow takes."""
+    return image.permute(1, 2, 0).numpy()
 
 
 @functools.cache
@@ -500,6 +493,7 @@ def prediction_grid(runs: pd.DataFrame, images: Sequence[int] = (0, 1, 2), teach
     first; the lowest seed, newest first, of each label), then the teacher's when one is available."""
     import torch
 
+    from kdbench.data.transforms import normalize
     from kdbench.engine import predict
 
     _one_dataset(runs, "predictions")
@@ -522,9 +516,9 @@ def prediction_grid(runs: pd.DataFrame, images: Sequence[int] = (0, 1, 2), teach
     cells = []
     with torch.no_grad():
         for x, y in zip(xs, ys):
-            row = [np.round(denormalize(x, recipe.data.normalize) * 255).astype(np.uint8), colorize(y)]
+            row = [picture(x), colorize(y)]
             for _, model, r in models:
-                pred = predict(model, x[None], tuple(r.eval.scales), r.eval.flip).argmax(1)[0]
+                pred = predict(model, normalize(x[None], r.data.normalize), tuple(r.eval.scales), r.eval.flip).argmax(1)[0]
                 row.append(colorize(pred))
             cells.append(row)
     columns = ["image", "ground truth", *[m[0] for m in models]]
@@ -615,6 +609,7 @@ def attention_maps(run: pd.Series, images: Sequence[int] = (0,), layer: str | No
     teacher's own CBAM) and the student's (its trained CBAM, before the connector)."""
     import torch
 
+    from kdbench.data.transforms import normalize
     from kdbench.methods import method_for, resolve_config
 
     run_id, method = run["run_id"], run.get(tag_col(Tag.METHOD))
@@ -639,10 +634,10 @@ def attention_maps(run: pd.Series, images: Sequence[int] = (0,), layer: str | No
     rows, pictures = [], []
     try:
         with torch.no_grad():
-            for x in xs:
-                size = tuple(x.shape[-2:])
-                fs = lr.student(x[None])[layer]
-                ft = teacher(x[None])[layer]
+            for image in xs:
+                size, x = tuple(image.shape[-2:]), normalize(image[None], r.data.normalize)
+                fs = lr.student(x)[layer]
+                ft = teacher(x)[layer]
                 t_before, t_after = (seen["before"], seen["after"]) if hook else (ft, method_module.refine_teacher(layer, ft))
                 rows.append(
                     {
@@ -652,7 +647,7 @@ def attention_maps(run: pd.Series, images: Sequence[int] = (0,), layer: str | No
                         "student refined": feature_map(method_module.student_cbam[layer](fs), size),
                     }
                 )
-                pictures.append(denormalize(x, r.data.normalize))
+                pictures.append(picture(image))
     finally:
         if hook:
             hook.remove()

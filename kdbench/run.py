@@ -301,7 +301,7 @@ def _train(
     if eval_set is None:
         raise UserError("data.holdout_fraction: evaluating on the held-out split needs data.holdout_fraction > 0")
     steps_per_epoch = max(1, len(splits.train) // train_cfg.batch_size)
-    state = build_state(model, method, teacher, train_cfg, rt, steps_per_epoch)
+    state = build_state(model, method, teacher, train_cfg, rt, steps_per_epoch, normalize=splits.normalize)
     quiet = quiet or not rt.is_main
     ckpt_path = run_dir / "last.pt"
     if rt.is_main:
@@ -366,10 +366,10 @@ def _train(
             progress=not quiet,
             label=f"{role} {run_name}",
         )
-        metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
+        metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt, normalize=splits.normalize)
         if train_cfg.select == "best" and (best := best_weights(state, metrics.miou, ckpt_path)) is not None:
             model.load_state_dict(best[1])  # the run ends with, and reports, its best evaluation's weights
-            metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt)
+            metrics, cm = evaluate(model, evaluation, splits.num_classes, recipe.eval, progress=not quiet, rt=rt, normalize=splits.normalize)
             tracker.log_metrics({Metric.SELECTED_STEP: best[0]}, state.step)
             if role == Role.STUDENT:
                 weights_file = ckpt_path.with_name(BEST_FILE)

@@ -14,7 +14,7 @@ from torch.utils.data import Subset
 from kdbench.data import Splits, build_splits
 from kdbench.data.cityscapes import Cityscapes
 from kdbench.data.synthetic import CLASS_NAMES, CONFUSED_AS, ensure_synthetic, generate
-from kdbench.data.transforms import CIRKD_BGR_MEAN, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from kdbench.data.transforms import CIRKD_BGR_MEAN, IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize, train_transform
 from kdbench.data.voc import VOC_CLASSES, VOCSegmentation
 from kdbench.errors import UserError
 
@@ -74,7 +74,7 @@ def test_voc_reads_palette_indices_from_any_root_level(tmp_path: Path) -> None:
 
     val = VOCSegmentation(root, "val", eval_transform())
     x, y = val[0]
-    assert x.shape == (3, 20, 30) and x.dtype == torch.float32
+    assert x.shape == (3, 20, 30) and x.dtype == torch.uint8  # normalised once a batch is on the device
     assert y.shape == (20, 30) and y.dtype == torch.int64
     assert set(y.unique().tolist()) == {0, 4, 255}
 
@@ -130,8 +130,8 @@ def test_voc_val_of_many_sizes_evaluates_in_batches_with_the_metric_of_one_at_a_
     assert part == [((24, 16), 2), ((20, 30), 1)]  # a part of a split (the held-out one, a process's share)
     writer = PaletteWriter(tmp_path / "pred", val, [0] * 768)
     (tmp_path / "pred").mkdir()
-    _, cm = evaluate(model, loader, 21, EvalConfig(batch_size=2), on_batch=writer)
-    _, one = evaluate(model, val, 21, EvalConfig(batch_size=1))
+    _, cm = evaluate(model, loader, 21, EvalConfig(batch_size=2), on_batch=writer, normalize="imagenet")
+    _, one = evaluate(model, val, 21, EvalConfig(batch_size=1), normalize="imagenet")
     assert torch.equal(cm, one) and int(cm.sum()) == sum(h * (w - 1) for h, w in sizes.values())  # column 0: ignore
     for path in writer.written:
         with Image.open(path) as png:
@@ -202,8 +202,8 @@ def test_cityscapes_val_evaluates_in_batches_of_one_size_with_the_metric_of_one_
     assert [(tuple(images.shape[-2:]), images.shape[0]) for images, _ in loader] == [((32, 64), 2), ((32, 64), 1), ((24, 40), 1)]
     torch.manual_seed(0)
     model = build_model(load_recipe("tiny").student, 19).eval()
-    _, cm = evaluate(model, loader, 19, EvalConfig(batch_size=2))
-    _, one = evaluate(model, val, 19, EvalConfig(batch_size=1))
+    _, cm = evaluate(model, loader, 19, EvalConfig(batch_size=2), normalize="cirkd_bgr")
+    _, one = evaluate(model, val, 19, EvalConfig(batch_size=1), normalize="cirkd_bgr")
     assert torch.equal(cm, one) and int(cm.sum()) == 32 * 48 + 2 * 32 * 64 + 24 * 40  # the fixture's image: 16 of 64 columns unlabelled
 
 
@@ -368,7 +368,7 @@ def test_build_splits_reads_voc_and_cityscapes_roots_from_env(tmp_path: Path, mo
     assert (len(voc.train), len(voc.holdout), len(voc.val), voc.num_classes) == (2, 2, 1, 21)
     assert len(build_splits("voc", None, crop_size=(16, 16)).train) == 2  # train_aug.txt: s, a
     cs = build_splits("cityscapes", None, crop_size=(16, 32), normalize="cirkd_bgr")
-    assert (len(cs.train), len(cs.val), cs.num_classes) == (3, 1, 19)
+    assert (len(cs.train), len(cs.val), cs.num_classes, cs.normalize) == (3, 1, 19, "cirkd_bgr")
     x, y = cs.train[0]
     assert x.shape == (3, 16, 32) and y.shape == (16, 32)
 
@@ -383,13 +383,13 @@ def test_train_transform_keeps_image_and_mask_aligned() -> None:
     label = np.kron(blocks, np.ones((16, 16), dtype=np.int64)).astype(np.uint8)  # 48x64, 16x16 blocks
     red = 20 + 20 * label.astype(np.uint8)
     image = Image.fromarray(np.stack([red, np.full_like(red, 90), np.full_like(red, 160)], axis=-1))
-    transform = train_transform((48, 48), scale_range=(0.5, 2.0), normalize="imagenet")
+    transform = train_transform((48, 48), scale_range=(0.5, 2.0))
     torch.manual_seed(0)
     padded = flipped_seen = 0
     for _ in range(30):
         x, y = transform(image, Image.fromarray(label))
-        assert x.shape == (3, 48, 48) and y.shape == (48, 48) and y.dtype == torch.int64
-        r = (x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+        assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and y.shape == (48, 48) and y.dtype == torch.int64
+        r = x[0].float()
         ignore = y == 255
         padded += int(ignore.any())
         assert torch.allclose(r[ignore], torch.zeros(()), atol=1.0)  # padding: image 0, mask ignore
@@ -402,18 +402,25 @@ def test_train_transform_keeps_image_and_mask_aligned() -> None:
     assert padded > 0 and flipped_seen > 0
 
 
-def test_eval_transform_normalizations() -> None:
+def test_normalize_turns_a_batch_of_pixels_into_model_input() -> None:
+    """Datasets give uint8 images; ``normalize`` makes a batch of them what the models take, with each
+    recipe's convention, and leaves float images (already model input) alone."""
     image = Image.fromarray(np.tile(np.array([10, 20, 30], dtype=np.uint8), (4, 5, 1)))
     mask = np.arange(20, dtype=np.uint8).reshape(4, 5)
-    x, y = eval_transform("cirkd_bgr")(image, mask)
-    assert x.shape == (3, 4, 5) and torch.equal(y, torch.from_numpy(mask).long())
+    x, y = eval_transform()(image, mask)
+    assert x.shape == (3, 4, 5) and x.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(mask).long())
+    batch = torch.stack([x, x.flip(-1)])
+    bgr = normalize(batch, "cirkd_bgr")
     expected = torch.tensor([30.0, 20.0, 10.0]) - torch.tensor(CIRKD_BGR_MEAN)  # BGR, 0-255, no std
-    assert torch.allclose(x[:, 0, 0], expected)
-    x, _ = eval_transform("imagenet")(image, mask)
+    assert bgr.shape == (2, 3, 4, 5) and torch.allclose(bgr[1, :, 0, 0], expected)
+    rgb = normalize(batch, "imagenet")
     expected = (torch.tensor([10.0, 20.0, 30.0]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(x[:, 0, 0], expected, atol=1e-6)
+    assert rgb.dtype == torch.float32 and torch.allclose(rgb[0, :, 3, 4], expected, atol=1e-6)
+    assert normalize(rgb, "cirkd_bgr") is rgb  # float: model input already
     with pytest.raises(UserError, match="data.normalize"):
-        eval_transform("caffe")
+        normalize(batch, "caffe")
+    with pytest.raises(UserError, match="data.normalize"):
+        build_splits("synthetic", None, crop_size=(16, 16), normalize="caffe")
 
 
 def test_released_augmentation_options() -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from kdbench.data import load_splits
 from kdbench.data.synthetic import voc_palette
+from kdbench.data.transforms import normalize
 from kdbench.engine import evaluate, predict
 from kdbench.evaluate import evaluate_checkpoint
 from kdbench.models import build_model
@@ -57,8 +58,8 @@ def student(result, recipe):
 
 def evaluated_here(model, recipe, scales=(1.0,), flip=False):
     """The engine's evaluation of ``model`` on val at ``scales``/``flip``, made here."""
-    val = load_splits(recipe, progress=False).val
-    return evaluate(model, val, 9, EvalConfig(flip=flip, scales=scales, batch_size=recipe.eval.batch_size))[0]
+    splits = load_splits(recipe, progress=False)
+    return evaluate(model, splits.val, 9, EvalConfig(flip=flip, scales=scales, batch_size=recipe.eval.batch_size), normalize=splits.normalize)[0]
 
 
 def test_checkpoint_repeats_the_runs_evaluation_and_flip_is_logged_apart(trained, capsys, monkeypatch):
@@ -117,7 +118,7 @@ def test_predictions_are_palette_pngs(trained, tmp_path):
             assert png.mode == "P" and png.size == (label.shape[1], label.shape[0])
             assert png.getpalette()[: 3 * 9] == voc_palette()[: 3 * 9]  # the dataset's colours
             with torch.no_grad():
-                expected = predict(model, image[None]).argmax(1)[0].numpy()
+                expected = predict(model, normalize(image[None], recipe.data.normalize)).argmax(1)[0].numpy()
             np.testing.assert_array_equal(np.array(png), expected)
 
 

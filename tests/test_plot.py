@@ -15,6 +15,7 @@ from PIL import Image
 from kdbench import plots
 from kdbench.data import load_splits
 from kdbench.data.synthetic import CLASS_NAMES
+from kdbench.data.transforms import normalize
 from kdbench.engine import predict
 from kdbench.errors import UserError
 from kdbench.methods import method_for, resolve_config
@@ -140,7 +141,7 @@ def _independent_prediction(result, recipe, image):
     splits = load_splits(recipe, progress=False)
     model = build_model(recipe.student, splits.num_classes)
     model.load_state_dict(torch.load(result.checkpoint, weights_only=True)["student"])
-    return predict(model.eval(), image[None]).argmax(1)[0]
+    return predict(model.eval(), normalize(image[None], splits.normalize)).argmax(1)[0]
 
 
 def test_predictions_grid(runs, frame, tmp_path):
@@ -179,7 +180,7 @@ def test_attention_maps_of_the_trained_cbam(runs, frame, tmp_path):
 
     # the same maps, rebuilt here from the checkpoint and the cached teacher
     splits = load_splits(recipe, progress=False)
-    image = splits.val[2][0][None]
+    image = normalize(splits.val[2][0][None], splits.normalize)
     ckpt = torch.load(result.checkpoint, weights_only=True)
     student = build_model(recipe.student, splits.num_classes)
     student.load_state_dict(ckpt["student"])

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from kdbench.data.cityscapes import CITYSCAPES_CLASSES, Cityscapes
 from kdbench.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from kdbench.data.synthetic import ensure_synthetic
-from kdbench.data.transforms import eval_transform, train_transform
+from kdbench.data.transforms import check_normalization, eval_transform, train_transform
 from kdbench.data.voc import VOC_CLASSES, VOCSegmentation
 from kdbench.errors import UserError
 
@@ -40,6 +40,9 @@ class Splits:
     val: Dataset
     num_classes: int
     class_names: list[str]
+    #: what the models take: the datasets give uint8 images, ``transforms.normalize(images, this)``
+    #: makes them model input once a batch is on the device
+    normalize: str = "imagenet"
 
 
 def resolve_cache_dir(configured: str | Path | None = None) -> Path:
@@ -91,8 +94,9 @@ def build_splits(
         raise UserError(f"data.dataset: expected one of {list(DATASETS)}, got {dataset!r}")
     if not 0.0 <= holdout_fraction < 1.0:
         raise UserError(f"data.holdout_fraction: must be in [0, 1), got {holdout_fraction}")
-    train_tf = train_transform(crop_size, scale_range, flip, normalize, pad_label, scale_mode, blur, scale_step)
-    eval_tf = eval_transform(normalize, resize_short)
+    check_normalization(normalize)
+    train_tf = train_transform(crop_size, scale_range, flip, pad_label, scale_mode, blur, scale_step)
+    eval_tf = eval_transform(resize_short)
 
     if dataset == "cityscapes":
         path = _resolve_root(dataset, root)
@@ -127,7 +131,7 @@ def build_splits(
             held_out_set = VOCSegmentation(str(clean), "train", eval_tf, **kwargs)
         holdout = Subset(held_out_set, sorted(order[:count].tolist()))
         train = Subset(train_set, sorted(order[count:].tolist()))
-    return Splits(train, holdout, val, train_set.num_classes, list(train_set.class_names))
+    return Splits(train, holdout, val, train_set.num_classes, list(train_set.class_names), normalize)
 
 
 def class_names(dataset: str) -> list[str]:
