@@ -211,13 +211,14 @@ def plan(recipe: Recipe, methods: list[str] | None) -> list[Row]:
 
 def _random_batches(recipe: Recipe, num_classes: int, count: int, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 images and labels of the recipe's global batch and crop (5% of pixels ignore-labelled),
-    made on the device, as a step receives them after the copy (it normalises them as in a run)."""
+    made on the device, as a step receives them after the copy (``engine.model_batch`` converts them
+    in each step, as in a run)."""
     b, (h, w) = recipe.train.batch_size, recipe.train.crop_size
     g = torch.Generator().manual_seed(recipe.seed)
     out = []
     for _ in range(count):
         images = torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8)
-        target = torch.randint(0, num_classes, (b, h, w), generator=g)
+        target = torch.randint(0, num_classes, (b, h, w), generator=g, dtype=torch.uint8)
         target[torch.rand(b, h, w, generator=g) < 0.05] = 255
         out.append(rt.to_device(images.pin_memory() if rt.cuda else images, target))
     return out
@@ -429,7 +430,7 @@ class SameImage(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.count, self.size = count, (int(size[0]), int(size[1]))
         self.image = torch.randint(0, 256, (3, *self.size), generator=g, dtype=torch.uint8)
-        self.label = torch.randint(0, num_classes, self.size, generator=g)
+        self.label = torch.randint(0, num_classes, self.size, generator=g, dtype=torch.uint8)
 
     def __len__(self) -> int:
         return self.count

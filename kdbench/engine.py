@@ -292,6 +292,14 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
 
+def model_batch(rt: Runtime, images: torch.Tensor, target: torch.Tensor, normalize: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's batch on the device as the models and losses take it: float images normalised as
+    the dataset's models expect (``transforms.normalize``) and int64 labels. Loader workers send
+    uint8 for both, a fifth of the bytes, and skip the conversion."""
+    images, target = rt.to_device(images, target)
+    return transforms.normalize(images, normalize), target.long()
+
+
 def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimisation step; returns every loss term (weighted) and the total as detached 0-dim
     tensors. Nothing here waits for the GPU: the caller reads the values when it logs them (before
@@ -302,8 +310,7 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor) ->
         method.train()
         method.on_step(state.step, state.total_steps, state.steps_per_epoch)
     teacher_train = follow_method(state)
-    images, target = rt.to_device(images, target)
-    images = transforms.normalize(images, state.normalize)
+    images, target = model_batch(rt, images, target, state.normalize)
     try:
         if state.step_graph is not None:
             logged = state.step_graph(images, target)
@@ -454,8 +461,7 @@ def evaluate(
         with make_progress(enabled=progress, transient=True) as bar:
             task = bar.add_task("evaluating", total=len(loader))
             for (images, target), indices in zip(loader, loader.batch_sampler):
-                images, target = rt.to_device(images, target)
-                images = transforms.normalize(images, normalize)
+                images, target = model_batch(rt, images, target, normalize)
                 with rt.autocast():
                     pred = predict(model, images, cfg.scales, cfg.flip).argmax(1)
                 cm += confusion_matrix(pred, target, num_classes, IGNORE)

@@ -75,7 +75,7 @@ def test_voc_reads_palette_indices_from_any_root_level(tmp_path: Path) -> None:
     val = VOCSegmentation(root, "val", eval_transform())
     x, y = val[0]
     assert x.shape == (3, 20, 30) and x.dtype == torch.uint8  # normalised once a batch is on the device
-    assert y.shape == (20, 30) and y.dtype == torch.int64
+    assert y.shape == (20, 30) and y.dtype == torch.uint8
     assert set(y.unique().tolist()) == {0, 4, 255}
 
 
@@ -183,7 +183,7 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
     assert (mask[:, 48:56] == 18).all()  # bicycle
     assert (mask[:, 56:] == 11).all()  # person
     x, y = Cityscapes(tmp_path, "val", eval_transform())[0]
-    assert x.shape == (3, 32, 64) and y.shape == (32, 64) and y.dtype == torch.int64
+    assert x.shape == (3, 32, 64) and y.shape == (32, 64) and y.dtype == torch.uint8
 
 
 def test_cityscapes_val_evaluates_in_batches_of_one_size_with_the_metric_of_one_at_a_time(tmp_path: Path) -> None:
@@ -388,7 +388,7 @@ def test_train_transform_keeps_image_and_mask_aligned() -> None:
     padded = flipped_seen = 0
     for _ in range(30):
         x, y = transform(image, Image.fromarray(label))
-        assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and y.shape == (48, 48) and y.dtype == torch.int64
+        assert x.shape == (3, 48, 48) and x.dtype == y.dtype == torch.uint8 and y.shape == (48, 48)
         r = x[0].float()
         ignore = y == 255
         padded += int(ignore.any())
@@ -408,7 +408,7 @@ def test_normalize_turns_a_batch_of_pixels_into_model_input() -> None:
     image = Image.fromarray(np.tile(np.array([10, 20, 30], dtype=np.uint8), (4, 5, 1)))
     mask = np.arange(20, dtype=np.uint8).reshape(4, 5)
     x, y = eval_transform()(image, mask)
-    assert x.shape == (3, 4, 5) and x.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(mask).long())
+    assert x.shape == (3, 4, 5) and x.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(mask))
     batch = torch.stack([x, x.flip(-1)])
     bgr = normalize(batch, "cirkd_bgr")
     expected = torch.tensor([30.0, 20.0, 10.0]) - torch.tensor(CIRKD_BGR_MEAN)  # BGR, 0-255, no std

@@ -126,8 +126,9 @@ def normalize(images: torch.Tensor, mode: str | None) -> torch.Tensor:
 
 
 class Joint:
-    """Wraps a v2 pipeline: PIL image + PIL/numpy mask in, (uint8 3xHxW, int64 HxW) out (``normalize``
-    turns a batch of such images into model input)."""
+    """Wraps a v2 pipeline: PIL image + PIL/numpy mask in, (uint8 3xHxW, uint8 HxW) out: what loader
+    workers send, a fifth of the bytes of float images and int64 labels. A run makes a batch of them
+    model input on the device (``engine.model_batch``)."""
 
     def __init__(self, pipeline: v2.Transform | None) -> None:
         self.pipeline = pipeline
@@ -139,7 +140,7 @@ class Joint:
             raise UserError(f"image {tuple(img.shape[-2:])} and mask {tuple(lbl.shape[-2:])} differ in size")
         if self.pipeline is not None:
             img, lbl = self.pipeline(img, lbl)
-        return img.as_subclass(torch.Tensor), lbl.as_subclass(torch.Tensor).long()
+        return img.as_subclass(torch.Tensor), lbl.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:
         return f"Joint({self.pipeline})"
