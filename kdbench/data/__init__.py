@@ -42,7 +42,7 @@ class Splits:
     class_names: list[str]
     #: what the models take: the datasets give uint8 images, ``transforms.normalize(images, this)``
     #: makes them model input once a batch is on the device
-    normalize: str = "imagenet"
+    normalize: str
 
 
 def resolve_cache_dir(configured: str | Path | None = None) -> Path:

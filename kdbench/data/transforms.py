@@ -122,7 +122,7 @@ def normalize(images: torch.Tensor, mode: str | None) -> torch.Tensor:
         return images
     if mode is None:
         raise ValueError("uint8 images need their dataset's normalisation (Splits.normalize)")
-    mean, std = _channel_stats(check_normalization(mode), images.device)
+    mean, std = _channel_stats(mode, images.device)
     if mode == "imagenet":
         return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
     return images.flip(-3).float().sub_(mean)
@@ -131,8 +131,9 @@ def normalize(images: torch.Tensor, mode: str | None) -> torch.Tensor:
 @functools.cache
 def _channel_stats(mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean, std) as 3 x 1 x 1 float32 tensors on ``device``, made once: a tensor made from Python
-    numbers for each batch would be a blocking copy to a GPU, which waits for the steps queued before."""
-    if mode == "imagenet":
+    numbers for each batch would be a blocking copy to a GPU, which waits for the steps queued before.
+    The mode is checked here, once per mode and device rather than for every batch."""
+    if check_normalization(mode) == "imagenet":
         return torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1), torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     return torch.tensor(CIRKD_BGR_MEAN, device=device).view(3, 1, 1), None
 
